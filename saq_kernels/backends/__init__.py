@@ -1,0 +1,186 @@
+"""Backend registry: which implementation serves each ``saq`` op call.
+
+A backend is a :class:`Backend`: a name, a lazily computed availability (``None`` or the reason it
+is unavailable), a capability check per (op, device type, dtype) and a table of implementations
+taking the op's positional arguments (see docs/OPS.md). Capabilities are data and refusals are
+sentences: the same string is the error message and the pytest skip reason.
+
+Selection, per call:
+1. an explicit choice: the innermost ``use_backend(name)`` context, else the ``SAQ_BACKEND``
+   environment variable. It must be available and support the input, or the call raises with the
+   reason (no silent fallback: a user who asked for "triton" must not get the reference).
+2. otherwise the first backend of the device's default order that is available and supports it;
+   the reference supports everything, so there is always one.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional
+
+__all__ = [
+    "Backend",
+    "register_backend",
+    "get_backend",
+    "available_backends",
+    "use_backend",
+    "select",
+    "default_order",
+    "set_default_order",
+]
+
+
+@dataclass
+class Backend:
+    """One implementation family of the ``saq`` ops.
+
+    Args:
+        name: "reference", "cpp", "cuda" or "triton".
+        probe: called once, lazily; returns None when usable or a sentence saying why not.
+        supports_fn: ``(op, device_type, dtype) -> None | reason``.
+        impls: op name -> callable with the op's positional signature, or a zero-argument loader
+            returning that dict (so heavy modules import only when first used).
+    """
+
+    name: str
+    probe: Callable[[], Optional[str]]
+    supports_fn: Callable[[str, str, object], Optional[str]]
+    impls: object = field(default_factory=dict)
+    _reason: object = field(default=..., repr=False)
+    _table: Optional[Dict[str, Callable]] = field(default=None, repr=False)
+
+    def available(self) -> Optional[str]:
+        """None if this backend can run here, else the reason it cannot."""
+        if self._reason is ...:
+            try:
+                self._reason = self.probe()
+            except Exception as exc:  # a broken install must never break import
+                self._reason = f"{self.name}: probing failed: {type(exc).__name__}: {exc}"
+        return self._reason
+
+    def table(self) -> Dict[str, Callable]:
+        if self._table is None:
+            self._table = self.impls() if callable(self.impls) else dict(self.impls)
+        return self._table
+
+    def supports(self, op: str, device_type: str, dtype=None) -> Optional[str]:
+        """None if this backend can serve ``op`` for this input, else the reason it cannot."""
+        reason = self.available()
+        if reason is not None:
+            return reason
+        reason = self.supports_fn(op, device_type, dtype)
+        if reason is not None:
+            return reason
+        if op not in self.table():
+            return f"backend '{self.name}' has no kernel for op '{op}'"
+        return None
+
+    def reset(self) -> None:
+        """Forget the cached probe result (tests use this after building the extension)."""
+        self._reason = ...
+        self._table = None
+
+
+_BACKENDS: Dict[str, Backend] = {}
+# Default order per device type, fastest first, set from the recorded benchmarks
+# (benchmarks/results). Backends that are unavailable are skipped.
+_DEFAULT_ORDER: Dict[str, List[str]] = {
+    "cpu": ["cpp", "reference"],
+    "cuda": ["triton", "cuda", "reference"],
+}
+_LOCAL = threading.local()
+
+
+def register_backend(backend: Backend) -> Backend:
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def get_backend(name: str) -> Backend:
+    _ensure_registered()
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"saq_kernels: unknown backend {name!r}; choose one of {sorted(_BACKENDS)}"
+        )
+    return _BACKENDS[name]
+
+
+def available_backends() -> Dict[str, Optional[str]]:
+    """Map every known backend name to None (usable here) or the reason it is unavailable."""
+    _ensure_registered()
+    return {name: b.available() for name, b in _BACKENDS.items()}
+
+
+def default_order(device_type: str) -> List[str]:
+    return list(_DEFAULT_ORDER.get(device_type, ["reference"]))
+
+
+def set_default_order(device_type: str, names: List[str]) -> None:
+    """Replace the default backend order for a device type (names are validated)."""
+    for n in names:
+        get_backend(n)
+    _DEFAULT_ORDER[device_type] = list(names)
+
+
+def _explicit() -> Optional[str]:
+    stack = getattr(_LOCAL, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get("SAQ_BACKEND", "").strip()
+    return env or None
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[Backend]:
+    """Run the ``saq`` ops inside this block on backend ``name``.
+
+    Raises ValueError for an unknown name and RuntimeError with the reason when the backend is
+    unavailable here, so a typo or a missing build never silently falls back to another path.
+    """
+    backend = get_backend(name)
+    reason = backend.available()
+    if reason is not None:
+        raise RuntimeError(f"saq_kernels.use_backend({name!r}): backend unavailable: {reason}")
+    stack = getattr(_LOCAL, "stack", None)
+    if stack is None:
+        stack = _LOCAL.stack = []
+    stack.append(name)
+    try:
+        yield backend
+    finally:
+        stack.pop()
+
+
+def select(op: str, device_type: str, dtype=None) -> Callable:
+    """Return the implementation of ``op`` for this input (see module docstring for the rule)."""
+    _ensure_registered()
+    name = _explicit()
+    if name is not None:
+        backend = get_backend(name)
+        reason = backend.supports(op, device_type, dtype)
+        if reason is not None:
+            raise RuntimeError(
+                f"saq::{op}: backend {name!r} was requested (use_backend / SAQ_BACKEND) but cannot "
+                f"serve this input ({device_type}, {dtype}): {reason}. Unset SAQ_BACKEND or pick "
+                f"one of {[n for n, r in available_backends().items() if r is None]}."
+            )
+        return backend.table()[op]
+    for cand in _DEFAULT_ORDER.get(device_type, ["reference"]):
+        backend = _BACKENDS.get(cand)
+        if backend is not None and backend.supports(op, device_type, dtype) is None:
+            return backend.table()[op]
+    return _BACKENDS["reference"].table()[op]
+
+
+_REGISTERED = False
+
+
+def _ensure_registered() -> None:
+    # Deferred so importing saq_kernels never imports triton or loads the extension.
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _REGISTERED = True
+    from . import reference_backend, native_backend, triton_backend  # noqa: F401

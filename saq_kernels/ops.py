@@ -1,0 +1,466 @@
+"""The ``saq`` torch.library custom ops and their user-facing Python wrappers.
+
+Each op body asks the backend registry for an implementation (saq_kernels.backends.select) and
+calls it; the reference is the implementation of last resort. Every op has a fake (for
+torch.compile / meta tensors) and the two quantizers have autograd formulas calling their
+``*_backward`` ops. The wrappers (``fake_quantize``, ``liq_quantize``, ...) validate arguments with
+errors that name the op, the argument and the fix, and short-circuit the no-op cases (a custom op
+may not return its input).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .backends import select
+from .validate import (
+    check_bits,
+    check_float,
+    check_param,
+    check_perturbation,
+    check_quant_range,
+    check_same_device,
+    check_tensor_list,
+)
+
+__all__ = [
+    "fake_quantize",
+    "liq_quantize",
+    "grad_sq_norm",
+    "sam_perturb_",
+    "sam_restore_",
+    "sam_restore_sgd_",
+    "sam_restore_adamw_",
+]
+
+
+def _impl(op: str, t: Tensor):
+    return select(op, t.device.type, t.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# fake_quantize
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("saq::fake_quantize", mutates_args=())
+def _fake_quantize(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    quant_min: int,
+    quant_max: int,
+    axis: Optional[int],
+    grad_factor: float,
+    perturbation: Optional[Tensor],
+    perturb_scale: Optional[Tensor],
+    perturb_before: bool,
+) -> Tensor:
+    return _impl("fake_quantize", x)(
+        x, scale, zero_point, quant_min, quant_max, axis, grad_factor,
+        perturbation, perturb_scale, perturb_before,
+    )
+
+
+@_fake_quantize.register_fake
+def _(x, scale, zero_point, quant_min, quant_max, axis, grad_factor, e, s, before):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("saq::fake_quantize_backward", mutates_args=())
+def _fake_quantize_backward(
+    grad: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    quant_min: int,
+    quant_max: int,
+    axis: Optional[int],
+    grad_factor: float,
+    perturbation: Optional[Tensor],
+    perturb_scale: Optional[Tensor],
+    perturb_before: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return _impl("fake_quantize_backward", x)(
+        grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor,
+        perturbation, perturb_scale, perturb_before,
+    )
+
+
+@_fake_quantize_backward.register_fake
+def _(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor, e, s, before):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(scale, dtype=torch.float32),
+        torch.empty_like(zero_point, dtype=torch.float32),
+    )
+
+
+def _fq_setup(ctx, inputs, output):
+    x, scale, zero_point, qmin, qmax, axis, grad_factor, e, s, before = inputs
+    ctx.save_for_backward(x, scale, zero_point, e, s)
+    ctx.args = (qmin, qmax, axis, grad_factor, before)
+
+
+def _fq_backward(ctx, grad):
+    x, scale, zero_point, e, s = ctx.saved_tensors
+    qmin, qmax, axis, grad_factor, before = ctx.args
+    dx, dscale, dzp = _fake_quantize_backward(
+        grad, x, scale, zero_point, qmin, qmax, axis, grad_factor, e, s, before
+    )
+    return dx, dscale.to(scale.dtype), dzp.to(zero_point.dtype), None, None, None, None, None, None, None
+
+
+_fake_quantize.register_autograd(_fq_backward, setup_context=_fq_setup)
+
+
+def fake_quantize(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    quant_min: int,
+    quant_max: int,
+    axis: Optional[int] = None,
+    grad_factor: float = 1.0,
+    perturbation: Optional[Tensor] = None,
+    perturb_scale: Optional[Tensor] = None,
+    perturb_before: bool = False,
+) -> Tensor:
+    """LSQ / LSQ+ fake quantization with gradients for x, scale and zero_point.
+
+    ``y = (clamp(round(x * (1/scale)) + zp, quant_min, quant_max) - zp) * scale`` with
+    ``zp = clamp(round(zero_point), quant_min, quant_max)``, per tensor (``axis=None``, scale of
+    shape ``[1]`` or ``[]``) or per channel along ``axis`` (scale of shape ``[x.shape[axis]]``).
+    Gradients follow ``torch._fake_quantize_learnable_per_{tensor,channel}_affine``; ``grad_factor``
+    multiplies the scale / zero-point gradients (LSQ uses ``1/sqrt(numel * quant_max)``).
+    With ``perturbation`` e and a 0-dim ``perturb_scale`` s: ``Q(x) + s*e`` (Cases 1/3) or
+    ``Q(x + s*e)`` (Case 2, ``perturb_before=True``); e and s get no gradient.
+
+    x: fp32 / fp16 / bf16, any shape. Returns a new tensor shaped and typed like x.
+    """
+    op = "fake_quantize"
+    check_float(op, "x", x)
+    check_quant_range(op, quant_min, quant_max)
+    axis = check_param(op, "scale", scale, x, axis, positive=True)
+    check_param(op, "zero_point", zero_point, x, axis, positive=False)
+    check_perturbation(op, x, perturbation, perturb_scale)
+    return _fake_quantize(
+        x, scale, zero_point, int(quant_min), int(quant_max), axis, float(grad_factor),
+        perturbation, perturb_scale, bool(perturb_before),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# liq_quantize
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("saq::liq_quantize", mutates_args=())
+def _liq_quantize(
+    x: Tensor,
+    clip: Tensor,
+    bits: int,
+    signed: bool,
+    standardize: bool,
+    perturbation: Optional[Tensor],
+    perturb_scale: Optional[Tensor],
+    perturb_before: bool,
+) -> Tensor:
+    return _impl("liq_quantize", x)(
+        x, clip, bits, signed, standardize, perturbation, perturb_scale, perturb_before
+    )
+
+
+@_liq_quantize.register_fake
+def _(x, clip, bits, signed, standardize, e, s, before):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("saq::liq_quantize_backward", mutates_args=())
+def _liq_quantize_backward(
+    grad: Tensor,
+    x: Tensor,
+    clip: Tensor,
+    bits: int,
+    signed: bool,
+    standardize: bool,
+    perturbation: Optional[Tensor],
+    perturb_scale: Optional[Tensor],
+    perturb_before: bool,
+) -> Tuple[Tensor, Tensor]:
+    return _impl("liq_quantize_backward", x)(
+        grad, x, clip, bits, signed, standardize, perturbation, perturb_scale, perturb_before
+    )
+
+
+@_liq_quantize_backward.register_fake
+def _(grad, x, clip, bits, signed, standardize, e, s, before):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(clip, dtype=torch.float32),
+    )
+
+
+def _liq_setup(ctx, inputs, output):
+    x, clip, bits, signed, standardize, e, s, before = inputs
+    ctx.save_for_backward(x, clip, e, s)
+    ctx.args = (bits, signed, standardize, before)
+
+
+def _liq_backward(ctx, grad):
+    x, clip, e, s = ctx.saved_tensors
+    bits, signed, standardize, before = ctx.args
+    dx, dclip = _liq_quantize_backward(grad, x, clip, bits, signed, standardize, e, s, before)
+    return dx, dclip.to(clip.dtype), None, None, None, None, None, None
+
+
+_liq_quantize.register_autograd(_liq_backward, setup_context=_liq_setup)
+
+
+def liq_quantize(
+    x: Tensor,
+    clip: Tensor,
+    bits: int,
+    signed: bool,
+    standardize: bool = False,
+    perturbation: Optional[Tensor] = None,
+    perturb_scale: Optional[Tensor] = None,
+    perturb_before: bool = False,
+) -> Tensor:
+    """The LIQ quantizer of the SAQ reference code (SAQ.md section 3), with its clip gradient.
+
+    ``c = |clip|``, ``n = 2^bits - 1``; ``xs = (x - mean(x)) / std(x)`` when ``standardize``.
+    Signed (weights): ``y = (2 * round(n * (clamp(xs/c, -1, 1) + 1) / 2) / n - 1) * c``.
+    Unsigned (activations): ``y = round(n * clamp(xs/c, 0, 1)) / n * c``.
+    Backward: straight-through inside the closed clip range; ``dy/dc = y/c - (xs/c) * inside``.
+    ``bits == 32`` returns x unchanged (plus ``s*e`` if perturbed after). Perturbation as in
+    :func:`fake_quantize`. x: fp32 / fp16 / bf16, any shape; clip: shape ``[1]`` or ``[]``.
+    """
+    op = "liq_quantize"
+    check_float(op, "x", x)
+    if check_bits(op, bits):
+        if perturbation is None:
+            return x
+        check_perturbation(op, x, perturbation, perturb_scale)
+        return x + (perturb_scale * perturbation).to(x.dtype)
+    check_param(op, "clip", clip, x, None, positive=True, absolute=True)
+    check_perturbation(op, x, perturbation, perturb_scale)
+    return _liq_quantize(
+        x, clip, int(bits), bool(signed), bool(standardize),
+        perturbation, perturb_scale, bool(perturb_before),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# SAM ops
+# ----------------------------------------------------------------------------------------------
+def _first(ts: Sequence[Tensor]) -> Optional[Tensor]:
+    return ts[0] if len(ts) else None
+
+
+@torch.library.custom_op("saq::grad_sq_norm", mutates_args=())
+def _grad_sq_norm(
+    grads: List[Tensor], params: List[Tensor], adaptive: List[bool], eta: float
+) -> Tuple[Tensor, Tensor]:
+    return select("grad_sq_norm", grads[0].device.type, grads[0].dtype)(grads, params, adaptive, eta)
+
+
+@_grad_sq_norm.register_fake
+def _(grads, params, adaptive, eta):
+    dev = grads[0].device
+    return (torch.empty((), device=dev), torch.empty((), device=dev))
+
+
+def grad_sq_norm(
+    grads: Sequence[Tensor],
+    params: Optional[Sequence[Tensor]] = None,
+    adaptive: Optional[Sequence[bool]] = None,
+    eta: float = 0.01,
+) -> Tuple[Tensor, Tensor]:
+    """Squared global L2 norm of many gradients and a non-finite flag, without a host sync.
+
+    ``norm_sq = sum_i ||g_i * (|p_i| + eta)||^2`` for ``adaptive[i]``, else ``||g_i||^2``.
+    Returns ``(norm_sq, found_inf)``: 0-dim fp32 tensors on the gradients' device.
+    """
+    op = "grad_sq_norm"
+    grads = list(grads)
+    params = list(params) if params is not None else list(grads)
+    adaptive = [bool(a) for a in adaptive] if adaptive is not None else [False] * len(grads)
+    check_tensor_list(op, grads=grads, params=params)
+    if len(adaptive) != len(grads):
+        raise ValueError(f"saq::{op}: 'adaptive' has {len(adaptive)} flags for {len(grads)} grads; pass one flag per tensor")
+    if not grads:
+        z = torch.zeros(())
+        return z, z.clone()
+    return _grad_sq_norm(grads, params, adaptive, float(eta))
+
+
+@torch.library.custom_op("saq::sam_perturb_", mutates_args=("params", "backups"))
+def _sam_perturb_(
+    params: List[Tensor], grads: List[Tensor], backups: List[Tensor], scale: Tensor, adaptive: List[bool]
+) -> None:
+    select("sam_perturb_", params[0].device.type, params[0].dtype)(params, grads, backups, scale, adaptive)
+
+
+@_sam_perturb_.register_fake
+def _(params, grads, backups, scale, adaptive):
+    return None
+
+
+def sam_perturb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    scale: Tensor,
+    adaptive: Optional[Sequence[bool]] = None,
+) -> None:
+    """Save each parameter into ``backups`` and add the SAM perturbation in place.
+
+    ``p += g * scale`` (or ``(p*p) * g * scale`` where ``adaptive``); ``scale`` is a 0-dim tensor.
+    Mutates params and backups (same shapes and dtypes as params).
+    """
+    op = "sam_perturb_"
+    params, grads, backups = list(params), list(grads), list(backups)
+    check_tensor_list(op, params=params, grads=grads, backups=backups)
+    adaptive = [bool(a) for a in adaptive] if adaptive is not None else [False] * len(params)
+    if not params:
+        return
+    check_same_device(op, "scale", scale, params[0])
+    _sam_perturb_(params, grads, backups, scale, adaptive)
+
+
+@torch.library.custom_op("saq::sam_restore_", mutates_args=("params",))
+def _sam_restore_(params: List[Tensor], backups: List[Tensor]) -> None:
+    select("sam_restore_", params[0].device.type, params[0].dtype)(params, backups)
+
+
+@_sam_restore_.register_fake
+def _(params, backups):
+    return None
+
+
+def sam_restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
+    """Copy each backup back into its parameter, bit-exact. Mutates params."""
+    params, backups = list(params), list(backups)
+    check_tensor_list("sam_restore_", params=params, backups=backups)
+    if params:
+        _sam_restore_(params, backups)
+
+
+@torch.library.custom_op("saq::sam_restore_sgd_", mutates_args=("params", "momentum_buffers"))
+def _sam_restore_sgd_(
+    params: List[Tensor],
+    backups: List[Tensor],
+    grads: List[Tensor],
+    momentum_buffers: List[Tensor],
+    lr: Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    first_step: bool,
+    found_inf: Optional[Tensor],
+) -> None:
+    select("sam_restore_sgd_", params[0].device.type, params[0].dtype)(
+        params, backups, grads, momentum_buffers, lr, momentum, dampening,
+        weight_decay, nesterov, first_step, found_inf,
+    )
+
+
+@_sam_restore_sgd_.register_fake
+def _(params, backups, grads, bufs, lr, momentum, dampening, wd, nesterov, first_step, found_inf):
+    return None
+
+
+def sam_restore_sgd_(
+    params: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    lr: Tensor,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    first_step: bool = False,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    """Restore the parameters, then one SGD step (``torch.optim.SGD`` semantics).
+
+    ``lr`` is a 0-dim tensor on the parameters' device; ``momentum_buffers`` are tensors shaped
+    like the parameters (ignored when ``momentum == 0``); ``first_step`` makes the buffer a copy
+    of the update, as torch does when it creates the buffer. A non-zero ``found_inf`` restores only.
+    """
+    op = "sam_restore_sgd_"
+    params, backups, grads = list(params), list(backups), list(grads)
+    bufs = list(momentum_buffers) if momentum else list(grads)
+    check_tensor_list(op, params=params, backups=backups, grads=grads, momentum_buffers=bufs)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"saq::{op}: nesterov needs momentum > 0 and dampening == 0 (as torch.optim.SGD)")
+    if not params:
+        return
+    check_same_device(op, "lr", lr, params[0])
+    _sam_restore_sgd_(
+        params, backups, grads, bufs, lr, float(momentum), float(dampening), float(weight_decay),
+        bool(nesterov), bool(first_step), found_inf,
+    )
+
+
+@torch.library.custom_op(
+    "saq::sam_restore_adamw_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps")
+)
+def _sam_restore_adamw_(
+    params: List[Tensor],
+    backups: List[Tensor],
+    grads: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_avg_sqs: List[Tensor],
+    steps: List[Tensor],
+    lr: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    found_inf: Optional[Tensor],
+) -> None:
+    select("sam_restore_adamw_", params[0].device.type, params[0].dtype)(
+        params, backups, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps,
+        weight_decay, found_inf,
+    )
+
+
+@_sam_restore_adamw_.register_fake
+def _(params, backups, grads, m, v, steps, lr, b1, b2, eps, wd, found_inf):
+    return None
+
+
+def sam_restore_adamw_(
+    params: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    lr: Tensor,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    """Restore the parameters, then one AdamW step (``torch.optim.AdamW`` semantics, no amsgrad).
+
+    ``steps`` are 0-dim fp32 tensors (incremented here), ``lr`` a 0-dim tensor. A non-zero
+    ``found_inf`` restores only. Mutates params, exp_avgs, exp_avg_sqs and steps.
+    """
+    op = "sam_restore_adamw_"
+    params, backups, grads = list(params), list(backups), list(grads)
+    exp_avgs, exp_avg_sqs, steps = list(exp_avgs), list(exp_avg_sqs), list(steps)
+    check_tensor_list(op, params=params, backups=backups, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    if len(steps) != len(params):
+        raise ValueError(f"saq::{op}: 'steps' has {len(steps)} entries for {len(params)} params; pass one 0-dim step tensor per parameter")
+    if not params:
+        return
+    check_same_device(op, "lr", lr, params[0])
+    _sam_restore_adamw_(
+        params, backups, grads, exp_avgs, exp_avg_sqs, steps, lr, float(beta1), float(beta2),
+        float(eps), float(weight_decay), found_inf,
+    )

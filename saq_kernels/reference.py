@@ -1,0 +1,385 @@
+"""Pure-PyTorch reference of every ``saq`` op: the spec, and the fallback on any device.
+
+Every other backend (C++, CUDA, Triton) is tested against these functions. The numerics are
+pinned here and described in docs/OPS.md:
+
+* quantizer math in fp32 whatever the input dtype; outputs cast back to the input dtype;
+* rounding half to even (``torch.round``);
+* fake_quantize multiplies by the reciprocal ``1/scale`` (as ATen's fake-quant kernels do);
+  liq_quantize divides by the clip (as the SAQ reference code does).
+
+Argument order is the op schema's (docs/OPS.md); all arguments are positional.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "fake_quantize",
+    "fake_quantize_backward",
+    "liq_quantize",
+    "liq_quantize_backward",
+    "grad_sq_norm",
+    "sam_perturb_",
+    "sam_restore_",
+    "sam_restore_sgd_",
+    "sam_restore_adamw_",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def _channel_view(t: Tensor, x: Tensor, axis: Optional[int]) -> Tensor:
+    """Reshape a per-tensor ([] / [1]) or per-channel ([C]) parameter to broadcast against x."""
+    t = t.float()
+    if axis is None:
+        return t.reshape(())
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return t.reshape(shape)
+
+
+def _sum_like(t: Tensor, param: Tensor, x: Tensor, axis: Optional[int]) -> Tensor:
+    """Reduce an element-wise gradient to the parameter's shape (all elements or per channel)."""
+    if axis is None:
+        return t.sum().reshape(param.shape)
+    ax = axis % x.dim()
+    dims = [d for d in range(x.dim()) if d != ax]
+    return (t.sum(dim=dims) if dims else t).reshape(param.shape)
+
+
+def _perturbed_input(x: Tensor, e: Optional[Tensor], s: Optional[Tensor], before: bool) -> Tensor:
+    """fp32 input of the quantizer: x, or x + s*e for Case 2 (perturbation before quantizing)."""
+    xf = x.float()
+    if before and e is not None:
+        xf = xf + s.float() * e.float()
+    return xf
+
+
+def _add_after(y: Tensor, e: Optional[Tensor], s: Optional[Tensor], before: bool) -> Tensor:
+    """Cases 1 and 3: Q(x) + s*e, in fp32."""
+    if e is not None and not before:
+        y = y + s.float() * e.float()
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# LSQ / LSQ+ affine fake quantization
+# ----------------------------------------------------------------------------------------------
+def _fq_codes(xf: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis):
+    s = _channel_view(scale, xf, axis)
+    zp = torch.clamp(torch.round(_channel_view(zero_point, xf, axis)), qmin, qmax)
+    inv = 1.0 / s
+    xq = torch.round(xf * inv) + zp  # not clamped yet: the backward needs "inside"
+    return s, zp, inv, xq
+
+
+def fake_quantize(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    quant_min: int,
+    quant_max: int,
+    axis: Optional[int],
+    grad_factor: float,
+    perturbation: Optional[Tensor],
+    perturb_scale: Optional[Tensor],
+    perturb_before: bool,
+) -> Tensor:
+    """Affine fake quantization (LSQ / LSQ+), per tensor (``axis=None``) or per channel.
+
+    ``zp = clamp(round(zero_point), qmin, qmax)``, ``q = clamp(round(x * (1/scale)) + zp, qmin, qmax)``,
+    ``y = (q - zp) * scale``. With a perturbation ``e`` and a 0-dim scale ``s``: ``Q(x) + s*e``
+    (Cases 1/3) or ``Q(x + s*e)`` (Case 2, ``perturb_before``).
+
+    Shapes: x any; scale and zero_point ``[1]``/``[]`` or ``[C]`` with ``C = x.shape[axis]``.
+    Returns a new tensor of x's shape and dtype. ``grad_factor`` only scales the backward.
+    """
+    xf = _perturbed_input(x, perturbation, perturb_scale, perturb_before)
+    s, zp, _, xq = _fq_codes(xf, scale, zero_point, quant_min, quant_max, axis)
+    y = (torch.clamp(xq, quant_min, quant_max) - zp) * s
+    return _add_after(y, perturbation, perturb_scale, perturb_before).to(x.dtype)
+
+
+def fake_quantize_backward(
+    grad: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    quant_min: int,
+    quant_max: int,
+    axis: Optional[int],
+    grad_factor: float,
+    perturbation: Optional[Tensor],
+    perturb_scale: Optional[Tensor],
+    perturb_before: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`fake_quantize` for x, scale and zero_point (LSQ+ formulas).
+
+    With ``xq = round(x/scale) + zp`` unclamped and ``inside = qmin <= xq <= qmax``:
+    ``dx = g * inside``;
+    ``dscale = sum(g * ((clamp(xq) - zp) * scale - x) * (1/scale))`` inside, ``g * (qmin - zp)``
+    below, ``g * (qmax - zp)`` above, times ``grad_factor``;
+    ``dzp = sum(-g * scale * grad_factor)`` outside, 0 inside. Sums over all elements (per
+    tensor) or all but ``axis`` (per channel). Returns ``(dx [x.dtype], dscale [fp32], dzp [fp32])``.
+    """
+    xf = _perturbed_input(x, perturbation, perturb_scale, perturb_before)
+    g = grad.float()
+    s, zp, inv, xq = _fq_codes(xf, scale, zero_point, quant_min, quant_max, axis)
+    below = xq < quant_min
+    above = xq > quant_max
+    inside = ~(below | above)
+    dx = torch.where(inside, g, torch.zeros_like(g))
+    xfq = (torch.clamp(xq, quant_min, quant_max) - zp) * s
+    ds_in = g * (xfq - xf) * inv
+    ds_out = torch.where(below, g * (quant_min - zp), g * (quant_max - zp))
+    ds = torch.where(inside, ds_in, ds_out) * grad_factor
+    dz = torch.where(inside, torch.zeros_like(g), -g * s * grad_factor)
+    return (
+        dx.to(x.dtype),
+        _sum_like(ds, scale, x, axis).float(),
+        _sum_like(dz, zero_point, x, axis).float(),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# LIQ (the SAQ reference quantizer)
+# ----------------------------------------------------------------------------------------------
+def _standardize(xf: Tensor) -> Tuple[Tensor, Tensor]:
+    """(x - mean) / std over the whole tensor, unbiased std; returns (xs, std)."""
+    mean = xf.mean()
+    std = xf.std()
+    return (xf - mean) / std, std
+
+
+def _liq_forward_fp32(xs: Tensor, c: Tensor, bits: int, signed: bool) -> Tuple[Tensor, Tensor]:
+    """Returns (y, r) with r = xs / c (before clamping), all fp32."""
+    n = float(2**bits - 1)
+    r = xs / c
+    if signed:
+        t = torch.clamp(r, -1.0, 1.0)
+        v = (t + 1.0) / 2.0
+        u = torch.round(v * n) / n
+        y = (u * 2.0 - 1.0) * c
+    else:
+        t = torch.clamp(r, 0.0, 1.0)
+        u = torch.round(t * n) / n
+        y = u * c
+    return y, r
+
+
+def liq_quantize(
+    x: Tensor,
+    clip: Tensor,
+    bits: int,
+    signed: bool,
+    standardize: bool,
+    perturbation: Optional[Tensor],
+    perturb_scale: Optional[Tensor],
+    perturb_before: bool,
+) -> Tensor:
+    """The LIQ quantizer of SAQ.md section 3.
+
+    ``c = |clip|``, ``n = 2^bits - 1``, ``xs = (x - mean) / std`` if ``standardize`` else x.
+    Signed (weights): ``y = (2 * round(n * (clamp(xs/c, -1, 1) + 1) / 2) / n - 1) * c``.
+    Unsigned (activations): ``y = round(n * clamp(xs/c, 0, 1)) / n * c``.
+    Perturbation as in :func:`fake_quantize`. Shapes: x any, clip ``[1]`` or ``[]``.
+    """
+    xf = _perturbed_input(x, perturbation, perturb_scale, perturb_before)
+    if standardize:
+        xf, _ = _standardize(xf)
+    c = clip.float().abs().reshape(())
+    y, _ = _liq_forward_fp32(xf, c, bits, signed)
+    return _add_after(y, perturbation, perturb_scale, perturb_before).to(x.dtype)
+
+
+def liq_quantize_backward(
+    grad: Tensor,
+    x: Tensor,
+    clip: Tensor,
+    bits: int,
+    signed: bool,
+    standardize: bool,
+    perturbation: Optional[Tensor],
+    perturb_scale: Optional[Tensor],
+    perturb_before: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Gradients of :func:`liq_quantize` for x and clip (straight-through rounding).
+
+    ``r = xs / c``; ``inside`` is the closed clip range (``-1 <= r <= 1`` signed, ``0 <= r <= 1``
+    unsigned); ``dx = g * inside`` (``/ std`` when standardized, statistics being constants);
+    ``dclip = sum(g * (y/c - r * inside)) * sign(clip)`` where y is the unperturbed quantizer output
+    (``+-1`` per element outside the range). Returns ``(dx [x.dtype], dclip [fp32, clip's shape])``.
+    """
+    xf = _perturbed_input(x, perturbation, perturb_scale, perturb_before)
+    std = None
+    if standardize:
+        xf, std = _standardize(xf)
+    c = clip.float().abs().reshape(())
+    g = grad.float()
+    y, r = _liq_forward_fp32(xf, c, bits, signed)
+    lo = -1.0 if signed else 0.0
+    inside = (r >= lo) & (r <= 1.0)
+    dx = torch.where(inside, g, torch.zeros_like(g))
+    if std is not None:
+        dx = dx / std
+    local = y / c - torch.where(inside, r, torch.zeros_like(r))
+    dclip = (g * local).sum() * torch.sign(clip.float().reshape(()))
+    return dx.to(x.dtype), dclip.reshape(clip.shape).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# SAM ops
+# ----------------------------------------------------------------------------------------------
+def grad_sq_norm(
+    grads: List[Tensor], params: List[Tensor], adaptive: List[bool], eta: float
+) -> Tuple[Tensor, Tensor]:
+    """Squared global L2 norm over many tensors, and a non-finite flag.
+
+    ``norm_sq = sum_i ||g_i * (|p_i| + eta)||^2`` where ``adaptive[i]``, else ``||g_i||^2``,
+    accumulated in fp32. Returns two 0-dim fp32 tensors on the gradients' device:
+    ``(norm_sq, found_inf)`` with ``found_inf = 1.0`` if ``norm_sq`` is not finite.
+    """
+    if len(grads) == 0:
+        z = torch.zeros(())
+        return z, z.clone()
+    parts = []
+    for i, g in enumerate(grads):
+        gf = g.float()
+        if adaptive[i]:
+            gf = gf * (params[i].float().abs() + eta)
+        parts.append(gf.pow(2).sum())
+    total = torch.stack(parts).sum()
+    found_inf = (~torch.isfinite(total)).float()
+    return total, found_inf
+
+
+def sam_perturb_(
+    params: List[Tensor],
+    grads: List[Tensor],
+    backups: List[Tensor],
+    scale: Tensor,
+    adaptive: List[bool],
+) -> None:
+    """Save each parameter to its backup, then ``p += e`` in place.
+
+    ``e = g * scale`` or, where ``adaptive[i]``, ``e = (p * p) * g * scale`` (the reference code's
+    ``torch.pow(p, 2) * p.grad * scale``), in the parameter's dtype. Mutates params and backups.
+    """
+    for i, p in enumerate(params):
+        backups[i].copy_(p)
+        s = scale.to(p.dtype)
+        if adaptive[i]:
+            e = (p * p) * grads[i] * s
+        else:
+            e = grads[i] * s
+        p.add_(e)
+
+
+def sam_restore_(params: List[Tensor], backups: List[Tensor]) -> None:
+    """``p.copy_(backup)`` for every pair: bit-exact undo of :func:`sam_perturb_`."""
+    for p, b in zip(params, backups):
+        p.copy_(b)
+
+
+def _skip_mask(found_inf: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    if found_inf is None:
+        return None
+    return found_inf.to(like.device).reshape(()) != 0
+
+
+def _select_(dst: Tensor, new: Tensor, skip: Optional[Tensor]) -> None:
+    """dst = new, unless skip (a 0-dim bool device tensor) is set; no host sync."""
+    if skip is None:
+        dst.copy_(new)
+    else:
+        dst.copy_(torch.where(skip, dst, new))
+
+
+def sam_restore_sgd_(
+    params: List[Tensor],
+    backups: List[Tensor],
+    grads: List[Tensor],
+    momentum_buffers: List[Tensor],
+    lr: Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    first_step: bool,
+    found_inf: Optional[Tensor],
+) -> None:
+    """Restore each parameter from its backup, then one ``torch.optim.SGD`` step.
+
+    ``d = g + wd*p``; with momentum: ``buf = d`` on the first step, else
+    ``buf = momentum*buf + (1 - dampening)*d``; ``d = d + momentum*buf`` (Nesterov) or ``buf``;
+    ``p -= lr * d``. ``lr`` is a 0-dim tensor. If ``found_inf`` is non-zero the parameters are
+    only restored. Mutates params and momentum_buffers (unused when momentum == 0).
+    """
+    skip = None
+    for i, p in enumerate(params):
+        p.copy_(backups[i])
+        skip = _skip_mask(found_inf, p) if skip is None else skip
+        d = grads[i]
+        if weight_decay != 0:
+            d = d.add(p, alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if first_step:
+                new_buf = d.clone()
+            else:
+                new_buf = buf.mul(momentum).add_(d, alpha=1 - dampening)
+            _select_(buf, new_buf, skip)
+            d = d.add(buf, alpha=momentum) if nesterov else buf
+        _select_(p, p - lr.to(p.dtype) * d, skip)
+
+
+def sam_restore_adamw_(
+    params: List[Tensor],
+    backups: List[Tensor],
+    grads: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_avg_sqs: List[Tensor],
+    steps: List[Tensor],
+    lr: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    found_inf: Optional[Tensor],
+) -> None:
+    """Restore each parameter from its backup, then one ``torch.optim.AdamW`` step (no amsgrad).
+
+    ``step += 1``; ``p *= 1 - lr*wd``; ``m = lerp(m, g, 1 - beta1)``;
+    ``v = beta2*v + (1 - beta2)*g*g``;
+    ``p -= lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)``.
+    ``lr`` and each ``steps[i]`` are 0-dim tensors. If ``found_inf`` is non-zero the parameters
+    are only restored and no state changes. Mutates params, exp_avgs, exp_avg_sqs and steps.
+    """
+    skip = None
+    for i, p in enumerate(params):
+        p.copy_(backups[i])
+        skip = _skip_mask(found_inf, p) if skip is None else skip
+        g = grads[i]
+        step = steps[i] + 1
+        lr_t = lr.to(p.dtype)
+        new_p = p * (1 - lr_t * weight_decay)
+        m = exp_avgs[i].lerp(g, 1 - beta1)
+        v = exp_avg_sqs[i].mul(beta2).addcmul_(g, g, value=1 - beta2)
+        bc1 = 1 - beta1**step
+        bc2 = 1 - beta2**step
+        step_size = (lr_t / bc1).to(p.dtype)
+        denom = (v.sqrt() / bc2.sqrt().to(p.dtype)).add_(eps)
+        new_p = new_p - step_size * (m / denom)
+        _select_(exp_avgs[i], m, skip)
+        _select_(exp_avg_sqs[i], v, skip)
+        _select_(steps[i], step, skip)
+        _select_(p, new_p, skip)
+
+
+def as_list(ts: Sequence[Tensor]) -> List[Tensor]:
+    return list(ts)
