@@ -266,7 +266,8 @@ def _grad_sq_norm(
 @_grad_sq_norm.register_fake
 def _(grads, params, adaptive, eta):
     dev = grads[0].device
-    return (torch.empty((), device=dev), torch.empty((), device=dev))
+    dt = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+    return (torch.empty((), device=dev, dtype=dt), torch.empty((), device=dev, dtype=dt))
 
 
 def grad_sq_norm(

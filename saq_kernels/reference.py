@@ -3,7 +3,8 @@
 Every other backend (C++, CUDA, Triton) is tested against these functions. The numerics are
 pinned here and described in docs/OPS.md:
 
-* quantizer math in fp32 whatever the input dtype; outputs cast back to the input dtype;
+* quantizer math in fp32 for fp32/fp16/bf16 inputs (float64 inputs compute in float64, so tests
+  can check the SAQ step to float64 rounding); outputs cast back to the input dtype;
 * rounding half to even (``torch.round``);
 * fake_quantize multiplies by the reciprocal ``1/scale`` (as ATen's fake-quant kernels do);
   liq_quantize divides by the clip (as the SAQ reference code does).
@@ -33,9 +34,14 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
+def _cdt(x: Tensor) -> torch.dtype:
+    """Compute dtype: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _channel_view(t: Tensor, x: Tensor, axis: Optional[int]) -> Tensor:
     """Reshape a per-tensor ([] / [1]) or per-channel ([C]) parameter to broadcast against x."""
-    t = t.float()
+    t = t.to(_cdt(x))
     if axis is None:
         return t.reshape(())
     shape = [1] * x.dim()
@@ -53,17 +59,18 @@ def _sum_like(t: Tensor, param: Tensor, x: Tensor, axis: Optional[int]) -> Tenso
 
 
 def _perturbed_input(x: Tensor, e: Optional[Tensor], s: Optional[Tensor], before: bool) -> Tensor:
-    """fp32 input of the quantizer: x, or x + s*e for Case 2 (perturbation before quantizing)."""
-    xf = x.float()
+    """Compute-dtype input of the quantizer: x, or x + s*e for Case 2 (perturb before quantizing)."""
+    cd = _cdt(x)
+    xf = x.to(cd)
     if before and e is not None:
-        xf = xf + s.float() * e.float()
+        xf = xf + s.to(cd) * e.to(cd)
     return xf
 
 
 def _add_after(y: Tensor, e: Optional[Tensor], s: Optional[Tensor], before: bool) -> Tensor:
-    """Cases 1 and 3: Q(x) + s*e, in fp32."""
+    """Cases 1 and 3: Q(x) + s*e, in the compute dtype."""
     if e is not None and not before:
-        y = y + s.float() * e.float()
+        y = y + s.to(y.dtype) * e.to(y.dtype)
     return y
 
 
@@ -128,7 +135,7 @@ def fake_quantize_backward(
     tensor) or all but ``axis`` (per channel). Returns ``(dx [x.dtype], dscale [fp32], dzp [fp32])``.
     """
     xf = _perturbed_input(x, perturbation, perturb_scale, perturb_before)
-    g = grad.float()
+    g = grad.to(xf.dtype)
     s, zp, inv, xq = _fq_codes(xf, scale, zero_point, quant_min, quant_max, axis)
     below = xq < quant_min
     above = xq > quant_max
@@ -141,8 +148,8 @@ def fake_quantize_backward(
     dz = torch.where(inside, torch.zeros_like(g), -g * s * grad_factor)
     return (
         dx.to(x.dtype),
-        _sum_like(ds, scale, x, axis).float(),
-        _sum_like(dz, zero_point, x, axis).float(),
+        _sum_like(ds, scale, x, axis).to(_cdt(x)),
+        _sum_like(dz, zero_point, x, axis).to(_cdt(x)),
     )
 
 
@@ -157,7 +164,7 @@ def _standardize(xf: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _liq_forward_fp32(xs: Tensor, c: Tensor, bits: int, signed: bool) -> Tuple[Tensor, Tensor]:
-    """Returns (y, r) with r = xs / c (before clamping), all fp32."""
+    """Returns (y, r) with r = xs / c (before clamping), in the compute dtype."""
     n = float(2**bits - 1)
     r = xs / c
     if signed:
@@ -192,7 +199,7 @@ def liq_quantize(
     xf = _perturbed_input(x, perturbation, perturb_scale, perturb_before)
     if standardize:
         xf, _ = _standardize(xf)
-    c = clip.float().abs().reshape(())
+    c = clip.to(xf.dtype).abs().reshape(())
     y, _ = _liq_forward_fp32(xf, c, bits, signed)
     return _add_after(y, perturbation, perturb_scale, perturb_before).to(x.dtype)
 
@@ -219,8 +226,8 @@ def liq_quantize_backward(
     std = None
     if standardize:
         xf, std = _standardize(xf)
-    c = clip.float().abs().reshape(())
-    g = grad.float()
+    c = clip.to(xf.dtype).abs().reshape(())
+    g = grad.to(xf.dtype)
     y, r = _liq_forward_fp32(xf, c, bits, signed)
     lo = -1.0 if signed else 0.0
     inside = (r >= lo) & (r <= 1.0)
@@ -228,8 +235,8 @@ def liq_quantize_backward(
     if std is not None:
         dx = dx / std
     local = y / c - torch.where(inside, r, torch.zeros_like(r))
-    dclip = (g * local).sum() * torch.sign(clip.float().reshape(()))
-    return dx.to(x.dtype), dclip.reshape(clip.shape).float()
+    dclip = (g * local).sum() * torch.sign(clip.to(xf.dtype).reshape(()))
+    return dx.to(x.dtype), dclip.reshape(clip.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,20 +248,22 @@ def grad_sq_norm(
     """Squared global L2 norm over many tensors, and a non-finite flag.
 
     ``norm_sq = sum_i ||g_i * (|p_i| + eta)||^2`` where ``adaptive[i]``, else ``||g_i||^2``,
-    accumulated in fp32. Returns two 0-dim fp32 tensors on the gradients' device:
+    accumulated in fp32 (fp64 when the first gradient is fp64). Returns two 0-dim tensors of that
+    dtype on the gradients' device:
     ``(norm_sq, found_inf)`` with ``found_inf = 1.0`` if ``norm_sq`` is not finite.
     """
     if len(grads) == 0:
         z = torch.zeros(())
         return z, z.clone()
     parts = []
+    cd = _cdt(grads[0])
     for i, g in enumerate(grads):
-        gf = g.float()
+        gf = g.to(cd)
         if adaptive[i]:
-            gf = gf * (params[i].float().abs() + eta)
+            gf = gf * (params[i].to(cd).abs() + eta)
         parts.append(gf.pow(2).sum())
     total = torch.stack(parts).sum()
-    found_inf = (~torch.isfinite(total)).float()
+    found_inf = (~torch.isfinite(total)).to(total.dtype)
     return total, found_inf
 
 

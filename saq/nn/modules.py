@@ -1,0 +1,285 @@
+"""Quantized layers: QConv2d and QLinear, with weight and input fake quantizers.
+
+Quantizers (``quantizer=``):
+
+* ``"liq"`` (the SAQ reference quantizer, SAQ.md section 3): parameters ``weight_clip_value`` and
+  ``activation_clip_value`` (shape [1], the reference code's names, so its checkpoints load).
+  Conv weights are standardized; linear weights are not. Init as the reference: linear clips
+  ``0.8 * max|W|`` and ``0.8 * max|input|`` on the first batch; conv clips start at 1.0.
+* ``"lsq"``: ``weight_scale`` ([1] or [C_out] per channel) and ``activation_scale`` ([1]); signed
+  weights in ``[-2^(b-1), 2^(b-1) - 1]``, unsigned activations in ``[0, 2^b - 1]``; LSQ's gradient
+  scale ``1/sqrt(numel * Qp)``. Data-driven init on the first batch: ``s = 2 mean|t| / sqrt(Qp)``.
+* ``"lsq+"``: LSQ plus a learned activation offset ``activation_zero_point``; activations init from
+  the first batch's min/max (``s = (max - min) / (2^b - 1)``, ``zp = -min / s``).
+* ``"pact"``: DoReFa weights and PACT activations (``activation_clip_value``, init 0.8 max|x|).
+* ``"dorefa"``: DoReFa weights and activations (no learned parameters).
+
+Bits 2..8, or 32 for "not quantized". SAQ hooks: the optimizer (saq.SAQ) sets a perturbation
+``(e, s, before)`` used by the weight quantizer's forward (``Q(w) + s*e`` or ``Q(w + s*e)``), and in
+its ascent pass asks the layer to keep ``X = Q(w)`` and ``dL/dX`` (Case 3), without retain_grad.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+import saq_kernels as sk
+
+from .functional import dorefa_activation, dorefa_weight, pact_activation
+
+QUANTIZERS = ("liq", "lsq", "lsq+", "pact", "dorefa")
+
+
+def _check_bits(name: str, bits: int) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= 8 or bits == 32):
+        raise ValueError(f"saq.nn: {name}={bits!r} is not supported; use 2..8, or 32 to disable quantization")
+    return bits
+
+
+class QuantLayer:
+    """Mixin holding the quantizer state shared by QConv2d and QLinear."""
+
+    weight: nn.Parameter
+
+    def _setup_quant(
+        self,
+        bits_weights: int,
+        bits_activations: int,
+        quantizer: str,
+        per_channel: bool,
+        standardize: bool,
+        signed_activations: bool,
+    ) -> None:
+        if quantizer not in QUANTIZERS:
+            raise ValueError(f"saq.nn: unknown quantizer {quantizer!r}; choose one of {QUANTIZERS}")
+        if per_channel and quantizer not in ("lsq", "lsq+"):
+            raise ValueError(
+                f"saq.nn: per_channel=True needs a quantizer with a per-channel scale ('lsq' or 'lsq+'); "
+                f"{quantizer!r} has one clip per tensor"
+            )
+        self.bits_weights = _check_bits("bits_weights", bits_weights)
+        self.bits_activations = _check_bits("bits_activations", bits_activations)
+        self.quantizer = quantizer
+        self.per_channel = per_channel
+        self.standardize = standardize
+        self.signed_activations = signed_activations
+        dev = dict(device=self.weight.device, dtype=self.weight.dtype)
+        if quantizer == "liq":
+            init = 1.0 if isinstance(self, nn.Conv2d) else 2.0  # the reference code's constructors
+            self.weight_clip_value = nn.Parameter(torch.tensor([init], **dev))
+            self.activation_clip_value = nn.Parameter(torch.tensor([init], **dev))
+        elif quantizer in ("lsq", "lsq+"):
+            nw = self.weight.shape[0] if per_channel else 1
+            self.weight_scale = nn.Parameter(torch.ones(nw, **dev))
+            self.register_buffer("weight_zero_point", torch.zeros(nw, **dev))
+            self.activation_scale = nn.Parameter(torch.ones(1, **dev))
+            if quantizer == "lsq+":
+                self.activation_zero_point = nn.Parameter(torch.zeros(1, **dev))
+            else:
+                self.register_buffer("activation_zero_point", torch.zeros(1, **dev))
+        elif quantizer == "pact":
+            self.activation_clip_value = nn.Parameter(torch.tensor([10.0], **dev))
+        # Data-driven init runs on the first forward unless a state dict provided the values.
+        self.quant_initialized = False
+        self._register_load_state_dict_pre_hook(_mark_initialized, with_module=True)
+        self.clear_saq_state()
+
+    # ---------------------------------------------------------------- SAQ hooks (used by saq.SAQ)
+    def clear_saq_state(self) -> None:
+        """Drop any perturbation and captured gradients."""
+        self._saq_e: Optional[Tensor] = None
+        self._saq_s: Optional[Tensor] = None
+        self._saq_before = False
+        self._saq_capture = False
+        self._saq_qweight: Optional[Tensor] = None
+        self._saq_qgrad: Optional[Tensor] = None
+
+    def set_perturbation(self, e: Optional[Tensor], s: Optional[Tensor], before: bool) -> None:
+        """Use ``Q(w) + s*e`` (``before=False``) or ``Q(w + s*e)`` as the weight until cleared."""
+        self._saq_e, self._saq_s, self._saq_before = e, s, before
+
+    def _capture(self, grad: Tensor) -> None:
+        self._saq_qgrad = grad if self._saq_qgrad is None else self._saq_qgrad + grad
+
+    # ---------------------------------------------------------------- quantizers
+    @property
+    def weight_quantized(self) -> bool:
+        return self.bits_weights != 32
+
+    def _lsq_range(self, bits: int, signed: bool):
+        if signed:
+            return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return 0, 2**bits - 1
+
+    def quantize_weight(
+        self, e: Optional[Tensor] = None, s: Optional[Tensor] = None, before: bool = False
+    ) -> Tensor:
+        """The fake-quantized weight ``Q(w)`` (optionally perturbed), shaped like ``weight``."""
+        w, b = self.weight, self.bits_weights
+        if b == 32:
+            return w if e is None else w + (s * e).to(w.dtype)
+        q = self.quantizer
+        if q == "liq":
+            std = self.standardize and isinstance(self, nn.Conv2d)
+            return sk.liq_quantize(w, self.weight_clip_value, b, True, std, e, s, before)
+        if q in ("lsq", "lsq+"):
+            qmin, qmax = self._lsq_range(b, True)
+            per = w.numel() // self.weight_scale.numel()
+            gf = 1.0 / math.sqrt(per * qmax)
+            axis = 0 if self.per_channel else None
+            return sk.fake_quantize(w, self.weight_scale, self.weight_zero_point, qmin, qmax, axis, gf, e, s, before)
+        return dorefa_weight(w, b, e, s, before)
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """The fake-quantized layer input (identity when ``bits_activations == 32``)."""
+        b = self.bits_activations
+        if b == 32:
+            return x
+        q = self.quantizer
+        if q == "liq":
+            return sk.liq_quantize(x, self.activation_clip_value, b, self.signed_activations, False)
+        if q in ("lsq", "lsq+"):
+            qmin, qmax = self._lsq_range(b, self.signed_activations)
+            gf = 1.0 / math.sqrt(x[0].numel() * qmax) if x.dim() > 1 else 1.0 / math.sqrt(x.numel() * qmax)
+            return sk.fake_quantize(x, self.activation_scale, self.activation_zero_point, qmin, qmax, None, gf)
+        if q == "pact":
+            return pact_activation(x, self.activation_clip_value, b)
+        return dorefa_activation(x, b)
+
+    def _weight_for_forward(self) -> Tensor:
+        qw = self.quantize_weight(self._saq_e, self._saq_s, self._saq_before)
+        if self._saq_capture and torch.is_grad_enabled():
+            if qw is self.weight:  # bits 32: hook a view, never the leaf parameter itself
+                qw = qw.view_as(qw)
+            self._saq_qweight = qw.detach()
+            qw.register_hook(self._capture)
+        return qw
+
+    # ---------------------------------------------------------------- initialization
+    @torch.no_grad()
+    def _init_from_data(self, x: Tensor) -> None:
+        """First-batch initialization (see the module docstring); runs once."""
+        self.quant_initialized = True
+        q, w = self.quantizer, self.weight.detach()
+        if q == "liq" and not isinstance(self, nn.Conv2d):
+            self.weight_clip_value.fill_(0.0).add_(w.abs().max() * 0.8)
+            self.activation_clip_value.fill_(0.0).add_(x.detach().abs().max().float() * 0.8)
+        elif q in ("lsq", "lsq+"):
+            _, qmax_w = self._lsq_range(max(self.bits_weights, 2), True)
+            if self.per_channel:
+                m = w.abs().flatten(1).mean(1)
+            else:
+                m = w.abs().mean().reshape(1)
+            self.weight_scale.copy_((2 * m / math.sqrt(qmax_w)).clamp_min(1e-8))
+            xd = x.detach().float()
+            bits_a = max(self.bits_activations, 2)
+            if q == "lsq+":
+                lo, hi = xd.min(), xd.max()
+                s = ((hi - lo) / (2**bits_a - 1)).clamp_min(1e-8)
+                self.activation_scale.copy_(s.reshape(1))
+                self.activation_zero_point.copy_((-lo / s).reshape(1))
+            else:
+                _, qmax_a = self._lsq_range(bits_a, self.signed_activations)
+                self.activation_scale.copy_((2 * xd.abs().mean() / math.sqrt(qmax_a)).clamp_min(1e-8).reshape(1))
+        elif q == "pact":
+            self.activation_clip_value.fill_(0.0).add_(x.detach().abs().max().float().clamp_min(1e-3) * 0.8)
+
+    def _maybe_init(self, x: Tensor) -> None:
+        if not self.quant_initialized and self.training:
+            self._init_from_data(x)
+
+    def quant_repr(self) -> str:
+        return (
+            f"bits_weights={self.bits_weights}, bits_activations={self.bits_activations}, "
+            f"quantizer={self.quantizer}" + (", per_channel=True" if self.per_channel else "")
+        )
+
+
+def _mark_initialized(module, state_dict, prefix, *args, **kwargs):
+    # A state dict that carries the quantizer parameters (ours, or the reference code's) has
+    # already been initialized: do not overwrite it with first-batch statistics.
+    for key in ("weight_clip_value", "activation_clip_value", "weight_scale", "activation_scale"):
+        if prefix + key in state_dict:
+            module.quant_initialized = True
+            return
+
+
+class QConv2d(QuantLayer, nn.Conv2d):
+    """nn.Conv2d with fake-quantized weight and input: ``conv2d(Q_a(x), Q_w(W), bias)``.
+
+    Args: those of nn.Conv2d, plus ``bits_weights``, ``bits_activations`` (2..8 or 32),
+    ``quantizer`` (see module docstring), ``per_channel`` (LSQ only: one scale per output
+    channel), ``standardize`` (LIQ weight standardization, default True as in the reference),
+    ``signed_activations`` (quantize inputs with a signed range; default unsigned).
+    Input [N, C_in, H, W] -> output [N, C_out, H', W'].
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        bits_weights: int = 32,
+        bits_activations: int = 32,
+        quantizer: str = "liq",
+        per_channel: bool = False,
+        standardize: bool = True,
+        signed_activations: bool = False,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+    ):
+        nn.Conv2d.__init__(
+            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, device=device, dtype=dtype,
+        )
+        self._setup_quant(bits_weights, bits_activations, quantizer, per_channel, standardize, signed_activations)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._maybe_init(x)
+        return self._conv_forward(self.quantize_input(x), self._weight_for_forward(), self.bias)
+
+    def extra_repr(self) -> str:
+        return nn.Conv2d.extra_repr(self) + ", " + self.quant_repr()
+
+
+class QLinear(QuantLayer, nn.Linear):
+    """nn.Linear with fake-quantized weight and input: ``linear(Q_a(x), Q_w(W), bias)``.
+
+    Same quantizer arguments as :class:`QConv2d` (linear weights are never standardized).
+    Input [..., in_features] -> output [..., out_features].
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        bits_weights: int = 32,
+        bits_activations: int = 32,
+        quantizer: str = "liq",
+        per_channel: bool = False,
+        standardize: bool = False,
+        signed_activations: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
+        self._setup_quant(bits_weights, bits_activations, quantizer, per_channel, standardize, signed_activations)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._maybe_init(x)
+        return F.linear(self.quantize_input(x), self._weight_for_forward(), self.bias)
+
+    def extra_repr(self) -> str:
+        return nn.Linear.extra_repr(self) + ", " + self.quant_repr()
