@@ -1,0 +1,110 @@
+"""Bad input gets a clear error naming the op, the argument and the fix; nothing is modified."""
+import pytest
+import torch
+
+import saq_kernels as sk
+
+
+def x4():
+    return torch.randn(4, 3)
+
+
+@pytest.mark.parametrize("bits", [0, 1, 9, 16, 31, 33])
+def test_liq_bits_out_of_range(bits):
+    with pytest.raises(ValueError, match=r"saq::liq_quantize: bits=.* use 2\.\.8"):
+        sk.liq_quantize(x4(), torch.tensor([1.0]), bits, True)
+
+
+def test_liq_bits_32_passes_through_and_bool_bits_rejected():
+    x = x4()
+    assert sk.liq_quantize(x, torch.tensor([1.0]), 32, True) is x
+    with pytest.raises(TypeError, match="'bits'"):
+        sk.liq_quantize(x, torch.tensor([1.0]), True, True)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf")])
+def test_non_positive_or_non_finite_scale(bad):
+    with pytest.raises(RuntimeError, match=r"saq::fake_quantize: 'scale' must be finite and scale > 0"):
+        sk.fake_quantize(x4(), torch.tensor([bad]), torch.zeros(1), -8, 7)
+
+
+@pytest.mark.parametrize("bad", [0.0, float("nan")])
+def test_zero_or_nan_clip(bad):
+    with pytest.raises(RuntimeError, match=r"saq::liq_quantize: 'clip' must be finite and \|clip\| > 0"):
+        sk.liq_quantize(x4(), torch.tensor([bad]), 4, False)
+
+
+def test_negative_clip_is_allowed_because_liq_uses_abs():
+    x = x4()
+    assert torch.equal(sk.liq_quantize(x, torch.tensor([-1.0]), 4, True), sk.liq_quantize(x, torch.tensor([1.0]), 4, True))
+
+
+def test_integer_tensor():
+    with pytest.raises(TypeError, match=r"saq::fake_quantize: 'x' has dtype torch.int64.*x.float\(\)"):
+        sk.fake_quantize(torch.arange(6), torch.tensor([0.1]), torch.zeros(1), -8, 7)
+    with pytest.raises(TypeError, match="saq::liq_quantize: 'x'"):
+        sk.liq_quantize(torch.arange(6, dtype=torch.int32), torch.tensor([1.0]), 4, True)
+
+
+def test_quant_min_greater_than_max():
+    with pytest.raises(ValueError, match="quant_min=7 > quant_max=-8"):
+        sk.fake_quantize(x4(), torch.tensor([0.1]), torch.zeros(1), 7, -8)
+
+
+def test_per_channel_scale_wrong_length():
+    with pytest.raises(ValueError, match=r"per-channel 'scale' must have shape \[3\] \(x.shape\[1\]\), got \[4\]"):
+        sk.fake_quantize(x4(), torch.full((4,), 0.1), torch.zeros(4), -8, 7, axis=1)
+    with pytest.raises(ValueError, match="per-tensor 'scale' must have shape"):
+        sk.fake_quantize(x4(), torch.full((3,), 0.1), torch.zeros(3), -8, 7)
+    with pytest.raises(ValueError, match="axis=2 is out of range"):
+        sk.fake_quantize(x4(), torch.full((3,), 0.1), torch.zeros(3), -8, 7, axis=2)
+
+
+def test_mismatched_devices():
+    with pytest.raises(ValueError, match=r"'scale' is on meta but the data is on cpu"):
+        sk.fake_quantize(x4(), torch.tensor([0.1], device="meta"), torch.zeros(1), -8, 7)
+    ps = [torch.zeros(3)]
+    with pytest.raises(ValueError, match="'scale' is on meta"):
+        sk.sam_perturb_(ps, [torch.ones(3)], [torch.empty(3)], torch.tensor(1.0, device="meta"))
+
+
+def test_perturbation_arguments():
+    x = x4()
+    with pytest.raises(ValueError, match="both 'perturbation' and 'perturb_scale'"):
+        sk.liq_quantize(x, torch.tensor([1.0]), 4, True, False, torch.zeros_like(x), None)
+    with pytest.raises(ValueError, match="'perturbation' has shape"):
+        sk.liq_quantize(x, torch.tensor([1.0]), 4, True, False, torch.zeros(2), torch.tensor(1.0))
+
+
+def test_sam_list_mismatch_leaves_params_untouched():
+    ps = [torch.zeros(3), torch.zeros(2)]
+    with pytest.raises(ValueError, match="'grads' has 1 tensors but 'params' has 2"):
+        sk.sam_perturb_(ps, [torch.ones(3)], [torch.empty(3), torch.empty(2)], torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"'grads\[1\]' has shape \[3\]"):
+        sk.sam_perturb_(ps, [torch.ones(3), torch.ones(3)], [torch.empty(3), torch.empty(2)], torch.tensor(1.0))
+    assert all(torch.equal(p, torch.zeros_like(p)) for p in ps)
+    with pytest.raises(TypeError, match="without .grad"):
+        sk.sam_perturb_(ps, [torch.ones(3), None], [torch.empty(3), torch.empty(2)], torch.tensor(1.0))
+
+
+def test_unknown_and_unavailable_backend():
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        with sk.use_backend("nope"):
+            pass
+    reasons = sk.available_backends()
+    assert reasons["reference"] is None
+    for name, reason in reasons.items():
+        if reason is not None:
+            with pytest.raises(RuntimeError, match="backend unavailable"):
+                with sk.use_backend(name):
+                    pass
+
+
+def test_env_backend_that_cannot_serve_input_raises(monkeypatch):
+    reasons = sk.available_backends()
+    name = next((n for n in ("triton", "cuda") if reasons[n] is not None), None)
+    if name is None:
+        pytest.skip("every backend is available here")
+    monkeypatch.setenv("SAQ_BACKEND", name)
+    with pytest.raises(RuntimeError, match=f"backend '{name}' was requested"):
+        sk.liq_quantize(x4(), torch.tensor([1.0]), 4, True)
