@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .backends import select
 from .validate import (
+    check_backup_prefix,
     check_bits,
     check_float,
     check_param,
@@ -386,6 +387,9 @@ def sam_restore_sgd_(
 ) -> None:
     """Restore the parameters, then one SGD step (``torch.optim.SGD`` semantics).
 
+    ``backups`` may be shorter than ``params``: ``params[:len(backups)]`` (the perturbed ones,
+    put first) are restored, all are stepped, in one call per parameter group.
+
     ``lr`` is a 0-dim tensor on the parameters' device; ``momentum_buffers`` are tensors shaped
     like the parameters (ignored when ``momentum == 0``); ``first_step`` makes the buffer a copy
     of the update, as torch does when it creates the buffer. A non-zero ``found_inf`` restores only.
@@ -393,7 +397,8 @@ def sam_restore_sgd_(
     op = "sam_restore_sgd_"
     params, backups, grads = list(params), list(backups), list(grads)
     bufs = list(momentum_buffers) if momentum else list(grads)
-    check_tensor_list(op, params=params, backups=backups, grads=grads, momentum_buffers=bufs)
+    check_tensor_list(op, params=params, grads=grads, momentum_buffers=bufs)
+    check_backup_prefix(op, params, backups)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError(f"saq::{op}: nesterov needs momentum > 0 and dampening == 0 (as torch.optim.SGD)")
     if not params:
@@ -455,7 +460,8 @@ def sam_restore_adamw_(
     op = "sam_restore_adamw_"
     params, backups, grads = list(params), list(backups), list(grads)
     exp_avgs, exp_avg_sqs, steps = list(exp_avgs), list(exp_avg_sqs), list(steps)
-    check_tensor_list(op, params=params, backups=backups, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    check_tensor_list(op, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    check_backup_prefix(op, params, backups)
     if len(steps) != len(params):
         raise ValueError(f"saq::{op}: 'steps' has {len(steps)} entries for {len(params)} params; pass one 0-dim step tensor per parameter")
     if not params:

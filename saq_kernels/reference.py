@@ -327,11 +327,13 @@ def sam_restore_sgd_(
     ``d = g + wd*p``; with momentum: ``buf = d`` on the first step, else
     ``buf = momentum*buf + (1 - dampening)*d``; ``d = d + momentum*buf`` (Nesterov) or ``buf``;
     ``p -= lr * d``. ``lr`` is a 0-dim tensor. If ``found_inf`` is non-zero the parameters are
-    only restored. Mutates params and momentum_buffers (unused when momentum == 0).
+    only restored. ``backups`` may be shorter than ``params``: only ``params[:len(backups)]`` are
+    restored. Mutates params and momentum_buffers (unused when momentum == 0).
     """
     skip = None
     for i, p in enumerate(params):
-        p.copy_(backups[i])
+        if i < len(backups):
+            p.copy_(backups[i])
         skip = _skip_mask(found_inf, p) if skip is None else skip
         d = grads[i]
         if weight_decay != 0:
@@ -367,11 +369,13 @@ def sam_restore_adamw_(
     ``v = beta2*v + (1 - beta2)*g*g``;
     ``p -= lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)``.
     ``lr`` and each ``steps[i]`` are 0-dim tensors. If ``found_inf`` is non-zero the parameters
-    are only restored and no state changes. Mutates params, exp_avgs, exp_avg_sqs and steps.
+    are only restored and no state changes. ``backups`` may be shorter than ``params`` (a prefix is
+    restored). Mutates params, exp_avgs, exp_avg_sqs and steps.
     """
     skip = None
     for i, p in enumerate(params):
-        p.copy_(backups[i])
+        if i < len(backups):
+            p.copy_(backups[i])
         skip = _skip_mask(found_inf, p) if skip is None else skip
         g = grads[i]
         step = steps[i] + 1

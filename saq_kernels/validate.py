@@ -150,3 +150,10 @@ def check_tensor_list(op: str, **lists) -> None:
                 raise ValueError(f"saq::{op}: '{name}[{i}]' is on {t.device}, '{first_name}[{i}]' on {ref.device}; put them on one device")
             if not t.is_floating_point():
                 raise TypeError(f"saq::{op}: '{name}[{i}]' has dtype {t.dtype}; SAM ops take floating tensors")
+
+
+def check_backup_prefix(op: str, params, backups) -> None:
+    """``backups`` pairs with the first ``len(backups)`` params (the perturbed ones)."""
+    if len(backups) > len(params):
+        raise ValueError(f"saq::{op}: {len(backups)} backups for {len(params)} params; pass at most one per parameter")
+    check_tensor_list(op, params=list(params[: len(backups)]), backups=list(backups))

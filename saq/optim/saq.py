@@ -14,8 +14,9 @@ What is perturbed (model with saq.nn quantized layers):
 * quantized layers' weights, never in place: Case 3 (default) adds ``s * dL/dQ(w)`` after the
   quantizer, Case 1 adds ``s * dL/dW`` after the quantizer, Case 2 quantizes ``W + s * dL/dW``;
   ``dL/dQ(w)`` is captured by the layer's quantizer output in pass 1 (no retain_grad, no copy of W);
-* in place, saved and restored bit-exactly: quantized layers' biases, activation clips
-  (``include_aclip``), weight clips (``include_wclip``), BatchNorm gamma/beta (``include_bn``);
+* in place, saved and restored bit-exactly with one multi-tensor launch each: quantized layers'
+  biases, activation clips (``include_aclip``), weight clips (``include_wclip``), BatchNorm
+  gamma/beta (``include_bn``);
 * nothing else: unquantized layers and latent-weight gradients do not enter the norm.
 
 ``s = rho / (||g|| + 1e-12)`` with the norm over exactly the perturbed tensors' gradients.
@@ -24,8 +25,14 @@ perturbation ``p^2 * g * s`` for weights, clips and BN gamma (``p`` is ``Q(w)`` 
 ``g`` and ``g * s`` for biases and BN beta. A model without quantized layers gets plain SAM/ASAM
 over all its parameters.
 
-Non-finite gradients (pass 1 or pass 2): the step is skipped (no perturbation, no update reaches
-the weights), a warning is issued and ``state_dict()["saq"]["skipped_steps"]`` counts it.
+No host sync: the norm, the scale and the non-finite flag stay on the device. With
+torch.optim.SGD or AdamW the restore is fused with the update (saq::sam_restore_sgd_ /
+saq::sam_restore_adamw_, ``fused=True``), and with a torch optimizer built with ``fused=True`` the
+flag is handed to it as GradScaler does; only other optimizers need a host check to skip a step.
+
+Non-finite gradients (pass 1 or pass 2): the step is skipped (no perturbation and no update reach
+the weights) and counted in ``skipped_steps``; the warning is issued when that count is read
+(``opt.skipped_steps``, ``state_dict()``), never inside a step.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ from torch.optim import Optimizer
 import saq_kernels as sk
 
 from ..nn import QuantLayer
+from .fused import FusedStep, fused_kind
 
 __all__ = ["SAQ"]
 
@@ -58,8 +66,16 @@ class SAQ(Optimizer):
             SGD, momentum 0.9, Nesterov, weight decay 1e-4, a separate lr group for clips).
         rho: neighbourhood radius. case: 1, 2 or 3 (SAQ, default). adaptive, eta: ASAM variant.
         include_bn, include_aclip, include_wclip: which small parameters are perturbed.
+        fused: fuse the restore with an SGD/AdamW update (default: when the base optimizer is
+            torch.optim.SGD or AdamW with options the fused ops implement).
         check_finite: also skip the step when pass 2's gradients are non-finite (one extra
             multi-tensor norm over the gradients).
+        ascent_every: the efficient mode (ours, not the paper's): a full ascent every k steps;
+            in between, the last perturbation is re-applied and each step costs one
+            forward-backward. 1 (default) is exact SAQ.
+        sync_ascent: under torch.distributed, average the ascent gradients over replicas (the
+            reference skips this: each replica perturbs with its local gradient). Run pass 1
+            without DDP's no_sync() so the parameter gradients are averaged too.
     """
 
     def __init__(
@@ -73,7 +89,10 @@ class SAQ(Optimizer):
         include_bn: bool = True,
         include_aclip: bool = True,
         include_wclip: bool = False,
+        fused: Optional[bool] = None,
         check_finite: bool = True,
+        ascent_every: int = 1,
+        sync_ascent: bool = False,
     ):
         if not isinstance(base_optimizer, Optimizer):
             raise TypeError(
@@ -84,19 +103,31 @@ class SAQ(Optimizer):
             raise ValueError(f"saq.SAQ: case={case!r}; choose 1, 2 or 3 (3 is SAQ)")
         if not rho >= 0:
             raise ValueError(f"saq.SAQ: rho={rho!r} must be >= 0")
+        if int(ascent_every) != ascent_every or ascent_every < 1:
+            raise ValueError(f"saq.SAQ: ascent_every={ascent_every!r} must be an integer >= 1")
+        kind = fused_kind(base_optimizer)
+        if fused and kind is None:
+            raise ValueError(
+                f"saq.SAQ: fused=True needs torch.optim.SGD or torch.optim.AdamW (no maximize, "
+                f"amsgrad or differentiable), got {type(base_optimizer).__name__}; use fused=False"
+            )
         self.model = model
         self.base_optimizer = base_optimizer
         self.rho, self.case, self.adaptive, self.eta = float(rho), case, adaptive, float(eta)
-        self.check_finite = check_finite
+        self.check_finite, self.ascent_every, self.sync_ascent = check_finite, int(ascent_every), sync_ascent
         params = [p for g in base_optimizer.param_groups for p in g["params"]]
         super().__init__(params, dict(base_optimizer.defaults))
         self.param_groups = base_optimizer.param_groups
+        self._fused = FusedStep(base_optimizer, kind) if (fused is None and kind) or fused else None
         self.qlayers: List[QuantLayer] = [m for m in model.modules() if isinstance(m, QuantLayer)]
         self.small: List[Tuple[nn.Parameter, bool]] = self._small_params(include_bn, include_aclip, include_wclip)
-        self._backups: Dict[nn.Parameter, Tensor] = {}
-        self._perturbed: List[nn.Parameter] = []
-        self._skip = False
-        self.skipped_steps = 0
+        self._backups: Dict[Tensor, Tensor] = {}
+        self._perturbed: List[Tensor] = []
+        self._found_inf: Optional[Tensor] = None  # pass-1 flag of the current step (device)
+        self._skipped: Optional[Tensor] = None  # device counter
+        self._skipped_seen = 0
+        self._acc: Dict[Tensor, Tensor] = {}  # accumulated descent gradients (micro-batches)
+        self._last: Optional[dict] = None  # last perturbation, for ascent_every > 1
         self.steps = 0
         self._set_capture(True)
 
@@ -111,10 +142,10 @@ class SAQ(Optimizer):
                 seen.add(id(p))
                 out.append((p, adaptive))
 
-        if not self.qlayers:  # plain SAM / ASAM: every parameter, biases without the adaptive factor
+        if not self.qlayers:  # plain SAM / ASAM: every parameter; biases without the adaptive factor
             for m in self.model.modules():
                 for name, p in m.named_parameters(recurse=False):
-                    add(p, not (name == "bias" or (isinstance(m, _BN) and name == "bias")))
+                    add(p, name != "bias")
             return out
         for m in self.qlayers:
             add(m.bias, False)
@@ -145,7 +176,11 @@ class SAQ(Optimizer):
             if m._saq_capture:
                 m._saq_qweight = m._saq_qgrad = None
 
-    # ------------------------------------------------------------------ the step
+    # ------------------------------------------------------------------ ascent
+    def needs_ascent(self) -> bool:
+        """False on the steps where the efficient mode re-applies the last perturbation."""
+        return self._last is None or self.steps % self.ascent_every == 0
+
     def _weight_entries(self) -> List[Tuple[QuantLayer, Tensor, Tensor]]:
         """(layer, gradient, point) per quantized layer whose weight is perturbed."""
         entries = []
@@ -159,8 +194,12 @@ class SAQ(Optimizer):
         return entries
 
     @torch.no_grad()
-    def ascent_step(self) -> None:
-        """After pass 1's backward: compute the global norm, perturb, zero the gradients."""
+    def ascent_step(self, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+        """After pass 1's backward: global norm, perturbation, zeroed gradients. No host sync.
+
+        With a GradScaler (fp16), the gradients are unscaled before the norm; an inf/NaN makes
+        the whole step a skip, as GradScaler skips, and lowers the scale at descent_step.
+        """
         if self._perturbed or any(m._saq_e is not None for m in self.qlayers):
             raise RuntimeError("saq.SAQ.ascent_step: already perturbed; call descent_step() or restore_step() first")
         entries = self._weight_entries()
@@ -172,23 +211,68 @@ class SAQ(Optimizer):
         if not grads:
             self.zero_grad(set_to_none=True)
             return
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            inv = grad_scaler._scale.double().reciprocal().float()
+            grads = [g * inv.to(g.device, g.dtype) for g in grads]
+        if self.sync_ascent:
+            grads = self._all_reduce_mean(grads, len(entries))
         norm_sq, found_inf = sk.grad_sq_norm(grads, points, flags, self.eta)
-        if self._nonfinite(found_inf, "pass 1"):
-            self.zero_grad(set_to_none=True)
-            return
-        scale = self.rho / (norm_sq.sqrt() + 1e-12)
-        for m, g, p in entries:
+        skip = found_inf > 0
+        scale = torch.where(skip, torch.zeros_like(norm_sq), self.rho / (norm_sq.sqrt() + 1e-12))
+        zero = torch.zeros((), device=norm_sq.device, dtype=norm_sq.dtype)
+        # where(skip, 0, g): a skipped step must not see 0 * inf = NaN in its perturbation.
+        gs = [torch.where(skip.to(g.device), zero.to(g.device, g.dtype), g) for g in grads]
+        weights = []
+        for (m, _, p), g in zip(entries, gs[: len(entries)]):
             e = p * p * g if self.adaptive else g
-            m.set_perturbation(e, scale.to(g.device), before=self.case == 2)
-        if small:
-            params = [p for p, _ in small]
+            m.set_perturbation(e, scale.to(e.device), before=self.case == 2)
+            weights.append((m, e))
+        params = [p for p, _ in small]
+        if params:
             backups = [self._backup(p) for p in params]
-            sk.sam_perturb_(params, [p.grad for p in params], backups, scale.to(params[0].device),
+            sk.sam_perturb_(params, gs[len(entries):], backups, scale.to(params[0].device),
                             [self.adaptive and a for _, a in small])
             self._perturbed = params
+        if self.ascent_every > 1:
+            deltas = [p - b for p, b in zip(params, [self._backups[p] for p in params])]
+            self._last = {"weights": weights, "scale": scale, "small": list(zip(params, deltas))}
+        self._found_inf = found_inf
         self.zero_grad(set_to_none=True)
-        for m in self.qlayers:  # captured tensors are now owned by the perturbation
-            m._saq_qgrad = m._saq_qweight = None
+
+    @torch.no_grad()
+    def reuse_perturbation(self) -> None:
+        """Efficient mode: re-apply the last ascent's perturbation instead of a new pass 1."""
+        if self._last is None:
+            raise RuntimeError("saq.SAQ.reuse_perturbation: no earlier ascent; call ascent_step() first")
+        self._set_capture(False)
+        for m, e in self._last["weights"]:
+            m.set_perturbation(e, self._last["scale"], before=self.case == 2)
+        params = [p for p, _ in self._last["small"]]
+        if params:
+            for p, d in self._last["small"]:
+                self._backup(p).copy_(p)
+                p.add_(d)
+            self._perturbed = params
+        self._found_inf = None
+        self.zero_grad(set_to_none=True)
+
+    def _all_reduce_mean(self, grads: List[Tensor], n_captured: int) -> List[Tensor]:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return grads
+        # Parameter gradients were averaged by DDP in pass 1; the captured dL/dQ(w) were not.
+        captured = grads[:n_captured]
+        if captured:
+            flat = torch.cat([g.reshape(-1) for g in captured])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            out, i = [], 0
+            for g in captured:
+                out.append(flat[i : i + g.numel()].view_as(g))
+                i += g.numel()
+            grads = out + grads[n_captured:]
+        return grads
 
     def _backup(self, p: Tensor) -> Tensor:
         b = self._backups.get(p)
@@ -196,56 +280,134 @@ class SAQ(Optimizer):
             b = self._backups[p] = torch.empty_like(p, memory_format=torch.preserve_format)
         return b
 
-    def _nonfinite(self, found_inf: Tensor, where: str) -> bool:
-        # Host check: this path works with any base optimizer, which cannot skip on a device flag.
-        if bool(found_inf.item()):
-            self._skip = True
-            warnings.warn(
-                f"saq.SAQ: non-finite gradients in {where}; skipping this step (no perturbation and "
-                f"no update reach the weights). Lower the learning rate or use a GradScaler.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return True
-        return False
-
+    # ------------------------------------------------------------------ descent
     @torch.no_grad()
-    def _undo(self) -> None:
-        if self._perturbed:
-            sk.sam_restore_(self._perturbed, [self._backups[p] for p in self._perturbed])
-            self._perturbed = []
+    def _clear_perturbation(self) -> None:
         for m in self.qlayers:
             m.set_perturbation(None, None, False)
 
     @torch.no_grad()
     def restore_step(self) -> None:
         """Undo the perturbation without an optimizer step (for sharpness analysis)."""
-        self._undo()
-        self._skip = False
+        if self._perturbed:
+            sk.sam_restore_(self._perturbed, [self._backups[p] for p in self._perturbed])
+            self._perturbed = []
+        self._clear_perturbation()
+        self._found_inf = None
         self._set_capture(True)
 
     @torch.no_grad()
-    def descent_step(self) -> None:
-        """After pass 2's backward: restore, run the base optimizer's step, zero the gradients."""
-        self._undo()
-        if not self._skip and self.check_finite:
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            if grads:
-                _, found_inf = sk.grad_sq_norm(grads)
-                self._nonfinite(found_inf, "pass 2")
-        if self._skip:
-            self.skipped_steps += 1
+    def accumulate(self) -> None:
+        """Gradient accumulation: end one micro-batch after its pass-2 backward.
+
+        Restores the perturbation, adds the descent gradients to an accumulator and zeroes the
+        parameters' gradients, so the next micro-batch's ascent sees only its own gradient.
+        descent_step() then steps once with the accumulated sum (divide each micro-batch's loss
+        by their number, as in plain accumulation; the perturbation does not depend on it).
+        """
+        found_inf = self._found_inf
+        self.restore_step()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                if p in self._acc:
+                    self._acc[p].add_(p.grad)
+                else:
+                    self._acc[p] = p.grad
+                p.grad = None
+        if found_inf is not None:
+            self._acc_inf = found_inf if getattr(self, "_acc_inf", None) is None else self._acc_inf + found_inf
+
+    def _pass2_found_inf(self) -> Optional[Tensor]:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return None
+        return sk.grad_sq_norm(grads)[1]
+
+    def _count_skip(self, found_inf: Tensor) -> None:
+        if self._skipped is None:
+            self._skipped = torch.zeros((), dtype=torch.int64, device=found_inf.device)
+        self._skipped += (found_inf > 0).to(torch.int64)
+
+    @torch.no_grad()
+    def descent_step(self, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+        """After pass 2's backward: restore, base-optimizer step, zero the gradients.
+
+        With a GradScaler: unscale, skip on inf/NaN (from either pass) exactly as
+        ``grad_scaler.step`` does, then ``grad_scaler.update()``.
+        """
+        if self._acc:
+            acc_inf = getattr(self, "_acc_inf", None)
+            self._found_inf = acc_inf
+            for p, g in self._acc.items():
+                if p.grad is not None:
+                    g.add_(p.grad)
+                p.grad = g
+            self._acc, self._acc_inf = {}, None
+        scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        if scaler is not None:
+            scaler.unscale_(self.base_optimizer)
+        found_inf = self._found_inf
+        if self.check_finite and scaler is None:
+            f2 = self._pass2_found_inf()
+            if f2 is not None:
+                found_inf = f2 if found_inf is None else found_inf + f2
+        if scaler is not None:
+            self._merge_into_scaler(scaler, found_inf)
+            found_inf = self._scaler_found_inf(scaler)
+        if self._fused is not None:
+            self._fused.step(self._backups, self._perturbed, found_inf)
+            self._perturbed = []
         else:
-            self.base_optimizer.step()
+            self.restore_step()
+            self._base_step(found_inf, scaler)
+        if found_inf is not None:
+            self._count_skip(found_inf)
+        if scaler is not None:
+            scaler.update()
+        self._clear_perturbation()
+        self._found_inf = None
         self.steps += 1
-        self._skip = False
         self.zero_grad(set_to_none=True)
         self._set_capture(True)
+
+    def _merge_into_scaler(self, scaler, found_inf: Optional[Tensor]) -> None:
+        # GradScaler skips and lowers its scale from the flags unscale_() recorded for pass 2;
+        # pass 1's flag is added so an overflow in the ascent is treated the same way.
+        if found_inf is None:
+            return
+        state = scaler._per_optimizer_states[id(self.base_optimizer)]
+        for dev, flag in state["found_inf_per_device"].items():
+            flag.add_(found_inf.to(flag.device, flag.dtype))
+
+    def _scaler_found_inf(self, scaler) -> Tensor:
+        flags = list(scaler._per_optimizer_states[id(self.base_optimizer)]["found_inf_per_device"].values())
+        dev = flags[0].device
+        return sum(f.to(dev) for f in flags)
+
+    def _base_step(self, found_inf: Optional[Tensor], scaler) -> None:
+        base = self.base_optimizer
+        if scaler is not None:
+            scaler.step(base)  # GradScaler handles the skip (on the device for fused optimizers)
+            return
+        if found_inf is None:
+            base.step()
+        elif getattr(base, "_step_supports_amp_scaling", False):
+            # torch's fused optimizers read a device found_inf, as GradScaler passes it: no sync
+            base.grad_scale, base.found_inf = None, found_inf.float()
+            try:
+                base.step()
+            finally:
+                base.grad_scale = base.found_inf = None
+        elif not bool(found_inf.item()):  # any other optimizer: a host check is unavoidable
+            base.step()
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
         """Both passes: ``closure()`` runs forward + backward and returns the loss.
 
-        Gradients are zeroed before each pass. Returns the pass-1 loss.
+        Gradients are zeroed before each pass. Returns the pass-1 loss (in the efficient mode's
+        reuse steps, the loss at the perturbed point).
         """
         if closure is None:
             raise RuntimeError(
@@ -253,15 +415,34 @@ class SAQ(Optimizer):
                 "ascent_step() and descent_step() around your own two passes"
             )
         self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = closure()
-        self.ascent_step()
-        with torch.enable_grad():
-            closure()
+        if self.needs_ascent():
+            with torch.enable_grad():
+                loss = closure()
+            self.ascent_step()
+            with torch.enable_grad():
+                closure()
+        else:
+            self.reuse_perturbation()
+            with torch.enable_grad():
+                loss = closure()
         self.descent_step()
         return loss
 
     # ------------------------------------------------------------------ state
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (reading it syncs, and warns on new skips)."""
+        n = 0 if self._skipped is None else int(self._skipped.item())
+        if n > self._skipped_seen:
+            warnings.warn(
+                f"saq.SAQ: {n - self._skipped_seen} step(s) skipped for non-finite gradients "
+                f"({n} in total); lower the learning rate or use a GradScaler",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._skipped_seen = n
+        return n
+
     def state_dict(self) -> dict:
         return {
             "base": self.base_optimizer.state_dict(),
@@ -272,6 +453,7 @@ class SAQ(Optimizer):
                 "eta": self.eta,
                 "steps": self.steps,
                 "skipped_steps": self.skipped_steps,
+                "ascent_every": self.ascent_every,
             },
         }
 
@@ -284,12 +466,18 @@ class SAQ(Optimizer):
         self.base_optimizer.load_state_dict(state_dict["base"])
         s = state_dict["saq"]
         self.rho, self.case, self.adaptive, self.eta = float(s["rho"]), int(s["case"]), bool(s["adaptive"]), float(s["eta"])
-        self.steps, self.skipped_steps = int(s["steps"]), int(s["skipped_steps"])
+        self.steps = int(s["steps"])
+        self.ascent_every = int(s.get("ascent_every", 1))
+        dev = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        self._skipped = torch.tensor(int(s["skipped_steps"]), dtype=torch.int64, device=dev)
+        self._skipped_seen = int(s["skipped_steps"])
         self.param_groups = self.base_optimizer.param_groups
+        self._last = None  # the efficient mode restarts with a full ascent after a resume
         self._set_capture(True)
 
     def __repr__(self) -> str:
         return (
             f"SAQ(rho={self.rho}, case={self.case}, adaptive={self.adaptive}, quantized_layers={len(self.qlayers)}, "
-            f"perturbed_small_params={len(self.small)}, base={type(self.base_optimizer).__name__})"
+            f"perturbed_small_params={len(self.small)}, fused={self._fused is not None}, "
+            f"ascent_every={self.ascent_every}, base={type(self.base_optimizer).__name__})"
         )

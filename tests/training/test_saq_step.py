@@ -129,8 +129,8 @@ def manual_steps(net, batches):
     return P, bn_state
 
 
-@pytest.mark.parametrize("backend", ["reference"])
-def test_case3_steps_match_independent_derivation(backend):
+@pytest.mark.parametrize("fused", [True, False])
+def test_case3_steps_match_independent_derivation(fused, backend="reference"):
     import saq_kernels as sk
 
     torch.manual_seed(1)
@@ -138,7 +138,8 @@ def test_case3_steps_match_independent_derivation(backend):
     net = make_net()
     expected, bn_state = manual_steps(copy.deepcopy(net), batches)
 
-    opt = saq.SAQ(net, torch.optim.SGD(groups(net), lr=LR, momentum=MOM, nesterov=True, weight_decay=WD), rho=RHO)
+    base = torch.optim.SGD(groups(net), lr=LR, momentum=MOM, nesterov=True, weight_decay=WD)
+    opt = saq.SAQ(net, base, rho=RHO, fused=fused)
     with sk.use_backend(backend):
         for x, y in batches:
             opt.step(lambda: _loss_backward(net, x, y))
@@ -221,21 +222,41 @@ def test_plain_sam_on_float_model_perturbs_all_parameters():
     assert torch.equal(net[0].weight, w0)
 
 
-def test_nonfinite_gradient_skips_step_and_counts():
+def _base(kind, params):
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=LR, momentum=MOM)
+    if kind == "sgd_torch_fused":
+        return torch.optim.SGD(params, lr=LR, momentum=MOM, fused=True)
+    return torch.optim.RMSprop(params, lr=LR)
+
+
+@pytest.mark.parametrize("kind,fused", [("sgd", None), ("sgd", False), ("sgd_torch_fused", False), ("rmsprop", None)])
+@pytest.mark.parametrize("where", ["pass1", "pass2"])
+def test_nonfinite_gradient_skips_step_and_counts(kind, fused, where):
     net = make_net()
-    opt = saq.SAQ(net, torch.optim.SGD(net.parameters(), lr=LR), rho=RHO)
+    opt = saq.SAQ(net, _base(kind, net.parameters()), rho=RHO, fused=fused)
     params0 = {k: v.clone() for k, v in net.named_parameters()}
     x, y = torch.randn(4, 2, 6, 6, dtype=DT).abs(), torch.randint(0, 3, (4,))
     _loss_backward(net, x, y)
-    net.bn.weight.grad[0] = float("nan")
-    with pytest.warns(RuntimeWarning, match="non-finite"):
-        opt.ascent_step()
-    assert net.conv._saq_e is None
+    if where == "pass1":
+        net.bn.weight.grad[0] = float("nan")
+    opt.ascent_step()
+    if where == "pass1":  # no perturbation reaches the weights, no NaN reaches BN statistics
+        assert torch.count_nonzero(net.conv._saq_e) == 0
+        assert torch.equal(net.bn.weight, params0["bn.weight"])
     _loss_backward(net, x, y)
+    if where == "pass2":
+        net.fc.weight.grad[0, 0] = float("inf")
     opt.descent_step()
-    assert opt.state_dict()["saq"]["skipped_steps"] == 1
+    assert torch.isfinite(net.bn.running_mean).all() and torch.isfinite(net.bn.running_var).all()
     for k, v in net.named_parameters():
         assert torch.equal(v, params0[k]), k
+    with pytest.warns(RuntimeWarning, match="1 step\\(s\\) skipped for non-finite"):
+        assert opt.skipped_steps == 1
+    assert opt.state_dict()["saq"]["skipped_steps"] == 1
+    # the next, finite step goes through
+    opt.step(lambda: _loss_backward(net, x, y))
+    assert not torch.equal(net.fc.weight, params0["fc.weight"])
 
 
 def test_zero_gradient_gives_no_nan():
