@@ -103,13 +103,23 @@ def _fq_setup(ctx, inputs, output):
     ctx.args = (qmin, qmax, axis, grad_factor, before)
 
 
+def _perturbation_grad(ctx, index: int, grad: Tensor, dx: Tensor, e, s, before: bool):
+    """d/de of Q(x) + s*e is s*grad; of Q(x + s*e) it is s*dx. Computed only when e requires
+    grad: saq.SAQ passes a zero "probe" e with s = 1 in its ascent pass, so that e.grad is
+    dL/dQ(w) (no tensor hook: hooks break torch.compile graphs)."""
+    if e is None or not ctx.needs_input_grad[index]:
+        return None
+    return ((dx if before else grad) * s).to(e.dtype)
+
+
 def _fq_backward(ctx, grad):
     x, scale, zero_point, e, s = ctx.saved_tensors
     qmin, qmax, axis, grad_factor, before = ctx.args
     dx, dscale, dzp = _fake_quantize_backward(
         grad, x, scale, zero_point, qmin, qmax, axis, grad_factor, e, s, before
     )
-    return dx, dscale.to(scale.dtype), dzp.to(zero_point.dtype), None, None, None, None, None, None, None
+    de = _perturbation_grad(ctx, 7, grad, dx, e, s, before)
+    return dx, dscale.to(scale.dtype), dzp.to(zero_point.dtype), None, None, None, None, de, None, None
 
 
 _fake_quantize.register_autograd(_fq_backward, setup_context=_fq_setup)
@@ -135,7 +145,8 @@ def fake_quantize(
     Gradients follow ``torch._fake_quantize_learnable_per_{tensor,channel}_affine``; ``grad_factor``
     multiplies the scale / zero-point gradients (LSQ uses ``1/sqrt(numel * quant_max)``).
     With ``perturbation`` e and a 0-dim ``perturb_scale`` s: ``Q(x) + s*e`` (Cases 1/3) or
-    ``Q(x + s*e)`` (Case 2, ``perturb_before=True``); e and s get no gradient.
+    ``Q(x + s*e)`` (Case 2, ``perturb_before=True``); e gets ``s * dL/dy`` (after) or
+    ``s * dL/d(x + s*e)`` (before) when it requires grad, s gets none.
 
     x: fp32 / fp16 / bf16, any shape. Returns a new tensor shaped and typed like x.
     """
@@ -210,7 +221,8 @@ def _liq_backward(ctx, grad):
     x, clip, e, s = ctx.saved_tensors
     bits, signed, standardize, before = ctx.args
     dx, dclip = _liq_quantize_backward(grad, x, clip, bits, signed, standardize, e, s, before)
-    return dx, dclip.to(clip.dtype), None, None, None, None, None, None
+    de = _perturbation_grad(ctx, 5, grad, dx, e, s, before)
+    return dx, dclip.to(clip.dtype), None, None, None, de, None, None
 
 
 _liq_quantize.register_autograd(_liq_backward, setup_context=_liq_setup)

@@ -16,7 +16,9 @@ Quantizers (``quantizer=``):
 
 Bits 2..8, or 32 for "not quantized". SAQ hooks: the optimizer (saq.SAQ) sets a perturbation
 ``(e, s, before)`` used by the weight quantizer's forward (``Q(w) + s*e`` or ``Q(w + s*e)``), and in
-its ascent pass asks the layer to keep ``X = Q(w)`` and ``dL/dX`` (Case 3), without retain_grad.
+its ascent pass (Case 3) asks the layer for ``dL/dQ(w)``: the forward then computes
+``Q(w) + 1 * probe`` with a zero "probe" tensor (not a parameter) so that autograd leaves
+``dL/dQ(w)`` in ``probe.grad`` - no retain_grad, no tensor hook (hooks break torch.compile graphs).
 """
 from __future__ import annotations
 
@@ -84,6 +86,14 @@ class QuantLayer:
                 self.register_buffer("activation_zero_point", torch.zeros(1, **dev))
         elif quantizer == "pact":
             self.activation_clip_value = nn.Parameter(torch.tensor([10.0], **dev))
+        # A quantizer that is off (32 bits) keeps its parameters (the reference checkpoints
+        # have them) frozen, so DDP does not wait for gradients that never come.
+        for name in ("weight_clip_value", "weight_scale") if bits_weights == 32 else ():
+            if hasattr(self, name):
+                getattr(self, name).requires_grad_(False)
+        for name in ("activation_clip_value", "activation_scale", "activation_zero_point") if bits_activations == 32 else ():
+            if isinstance(getattr(self, name, None), nn.Parameter):
+                getattr(self, name).requires_grad_(False)
         # Data-driven init runs on the first forward unless a state dict provided the values.
         self.quant_initialized = False
         self._register_load_state_dict_pre_hook(_mark_initialized, with_module=True)
@@ -96,15 +106,29 @@ class QuantLayer:
         self._saq_s: Optional[Tensor] = None
         self._saq_before = False
         self._saq_capture = False
-        self._saq_qweight: Optional[Tensor] = None
-        self._saq_qgrad: Optional[Tensor] = None
+        self._saq_probe: Optional[Tensor] = None
+        self._saq_one: Optional[Tensor] = None
 
     def set_perturbation(self, e: Optional[Tensor], s: Optional[Tensor], before: bool) -> None:
         """Use ``Q(w) + s*e`` (``before=False``) or ``Q(w + s*e)`` as the weight until cleared."""
         self._saq_e, self._saq_s, self._saq_before = e, s, before
 
-    def _capture(self, grad: Tensor) -> None:
-        self._saq_qgrad = grad if self._saq_qgrad is None else self._saq_qgrad + grad
+    @property
+    def captured_grad(self) -> Optional[Tensor]:
+        """dL/dQ(w) accumulated since the capture started (None if no pass ran)."""
+        return None if self._saq_probe is None else self._saq_probe.grad
+
+    def clear_captured_grad(self) -> None:
+        if self._saq_probe is not None:
+            self._saq_probe.grad = None
+
+    def _probe(self):
+        w = self.weight
+        p = self._saq_probe
+        if p is None or p.shape != w.shape or p.dtype != w.dtype or p.device != w.device:
+            self._saq_probe = torch.zeros_like(w, requires_grad=True)
+            self._saq_one = torch.ones((), dtype=torch.float32, device=w.device)
+        return self._saq_probe, self._saq_one
 
     # ---------------------------------------------------------------- quantizers
     @property
@@ -152,13 +176,10 @@ class QuantLayer:
         return dorefa_activation(x, b)
 
     def _weight_for_forward(self) -> Tensor:
-        qw = self.quantize_weight(self._saq_e, self._saq_s, self._saq_before)
-        if self._saq_capture and torch.is_grad_enabled():
-            if qw is self.weight:  # bits 32: hook a view, never the leaf parameter itself
-                qw = qw.view_as(qw)
-            self._saq_qweight = qw.detach()
-            qw.register_hook(self._capture)
-        return qw
+        if self._saq_capture and self._saq_e is None and torch.is_grad_enabled():
+            probe, one = self._probe()
+            return self.quantize_weight(probe, one, False)
+        return self.quantize_weight(self._saq_e, self._saq_s, self._saq_before)
 
     # ---------------------------------------------------------------- initialization
     @torch.no_grad()

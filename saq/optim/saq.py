@@ -163,18 +163,19 @@ class SAQ(Optimizer):
         return out
 
     def _set_capture(self, on: bool) -> None:
-        """Case 3: ask the quantized layers to keep Q(w) and dL/dQ(w) in the next pass."""
+        """Case 3: ask the quantized layers to capture dL/dQ(w) in the next pass."""
         for m in self.qlayers:
             m._saq_capture = on and self.case == 3
+            if m._saq_capture:
+                m._probe()  # allocated here, outside any compiled forward
             if on:
-                m._saq_qweight = m._saq_qgrad = None
+                m.clear_captured_grad()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the parameters' gradients and any dL/dQ(w) captured for the next ascent."""
         super().zero_grad(set_to_none=set_to_none)
         for m in self.qlayers:
-            if m._saq_capture:
-                m._saq_qweight = m._saq_qgrad = None
+            m.clear_captured_grad()
 
     # ------------------------------------------------------------------ ascent
     def needs_ascent(self) -> bool:
@@ -186,7 +187,9 @@ class SAQ(Optimizer):
         entries = []
         for m in self.qlayers:
             if self.case == 3:
-                g, p = m._saq_qgrad, m._saq_qweight
+                g = m.captured_grad
+                # the adaptive factor needs X = Q(w): recomputed (one quantizer pass) only then
+                p = m.quantize_weight().detach() if self.adaptive and g is not None else g
             else:
                 g, p = m.weight.grad, m.weight.detach()
             if g is not None:

@@ -1,0 +1,95 @@
+"""DDP with 2 processes on gloo (CPU): the reference's unsynchronized ascent keeps replicas
+bit-identical; the synchronized ascent equals one process on the concatenated batch."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+import saq
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available")
+
+STEPS, B = 3, 6
+
+
+def _model(bn: bool):
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(1, 6, 3, padding=1)]
+    if bn:
+        layers.append(nn.BatchNorm2d(6))
+    layers += [nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)]
+    m = saq.quantize_model(nn.Sequential(*layers), 4, 4)
+    for layer in (l for _, l in saq.quantized_layers(m)):
+        with torch.no_grad():  # fixed clips: first-batch init would differ between replicas
+            layer.weight_clip_value.fill_(1.0 if isinstance(layer, nn.Conv2d) else 0.5)
+            layer.activation_clip_value.fill_(2.0)
+        layer.quant_initialized = True
+    return m
+
+
+def _data():
+    g = torch.Generator().manual_seed(123)
+    return [(torch.randn(2 * B, 1, 6, 6, generator=g), torch.randint(0, 4, (2 * B,), generator=g)) for _ in range(STEPS)]
+
+
+def _train(model, opt, data, ddp=None, rank=None):
+    fwd = ddp or model
+    for x, y in data:
+        if rank is not None:
+            x, y = x[rank * B:(rank + 1) * B], y[rank * B:(rank + 1) * B]
+        opt.zero_grad()
+        if ddp is not None and not opt.sync_ascent:
+            with ddp.no_sync():  # the reference: no all-reduce in the ascent pass
+                F.cross_entropy(fwd(x), y).backward()
+        else:
+            F.cross_entropy(fwd(x), y).backward()
+        opt.ascent_step()
+        F.cross_entropy(fwd(x), y).backward()
+        opt.descent_step()
+
+
+def _worker(rank, port, sync, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model = _model(bn=not sync)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = saq.SAQ(ddp, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.3, sync_ascent=sync)
+    _train(model, opt, _data(), ddp, rank)
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _run(tmp_path, sync):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, sync, str(tmp_path)), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+def test_default_ascent_keeps_replicas_identical(tmp_path):
+    r0, r1 = _run(tmp_path, sync=False)
+    start = _model(bn=True).state_dict()
+    assert not torch.equal(r0["3.weight"], start["3.weight"])
+    params = [k for k in r0 if "running" not in k]
+    for k in params:
+        assert torch.equal(r0[k], r1[k]), k
+    # BatchNorm running statistics come from each replica's last local forward; DDP broadcasts
+    # rank 0's at the start of every forward, as it does without SAQ.
+    assert not torch.equal(r0["1.running_mean"], r1["1.running_mean"])
+
+
+def test_synchronized_ascent_equals_single_process(tmp_path):
+    r0, r1 = _run(tmp_path, sync=True)
+    single = _model(bn=False)
+    opt = saq.SAQ(single, torch.optim.SGD(single.parameters(), lr=0.1, momentum=0.9), rho=0.3)
+    _train(single, opt, _data())
+    for k, v in single.state_dict().items():
+        assert torch.equal(r0[k], r1[k]), k
+        torch.testing.assert_close(r0[k], v, rtol=1e-5, atol=1e-6, msg=k)

@@ -1,0 +1,221 @@
+"""The fast SAQ step: no host sync, same results on every path, AMP, accumulation, compile,
+and the efficient mode."""
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import saq
+import saq_kernels as sk
+
+
+def make_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    m = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=True), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5),
+    ).to(dtype)
+    saq.quantize_model(m, 4, 4)
+    x = torch.randn(8, 1, 8, 8, dtype=dtype)
+    m(x)  # first-batch clip initialization, eagerly
+    return m
+
+
+def batches(n, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 1, 8, 8, generator=g).to(dtype), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)]
+
+
+def sgd(m):
+    clips = [p for n, p in m.named_parameters() if n.endswith("clip_value")]
+    rest = [p for n, p in m.named_parameters() if not n.endswith("clip_value")]
+    return torch.optim.SGD([{"params": rest}, {"params": clips, "lr": 0.01}], lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+
+def train(model, opt, data, forward=None):
+    forward = forward or model
+    for x, y in data:
+        opt.step(lambda: _lb(forward, x, y))
+
+
+def _lb(f, x, y):
+    loss = F.cross_entropy(f(x), y)
+    loss.backward()
+    return loss
+
+
+@contextlib.contextmanager
+def no_host_sync(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("host sync inside a SAQ step")
+
+    with monkeypatch.context() as mp:
+        for name in ("item", "__bool__", "tolist", "__float__", "__int__"):
+            mp.setattr(torch.Tensor, name, boom)
+        yield
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_step_makes_no_host_sync(monkeypatch, adaptive, base):
+    m = make_model()
+    b = sgd(m) if base == "sgd" else torch.optim.AdamW(m.parameters(), lr=1e-3)
+    opt = saq.SAQ(m, b, rho=0.1, adaptive=adaptive)
+    data = batches(3)
+    x, y = data[0]
+    with no_host_sync(monkeypatch):
+        for x, y in data:
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.ascent_step()
+            F.cross_entropy(m(x), y).backward()
+            opt.descent_step()
+    assert opt.skipped_steps == 0 and opt.steps == 3
+
+
+def _available_cpu_backends():
+    return [n for n, r in sk.available_backends().items() if r is None and sk.get_backend(n).supports("liq_quantize", "cpu", torch.float32) is None]
+
+
+@pytest.mark.parametrize("backend", _available_cpu_backends())
+@pytest.mark.parametrize("case,adaptive", [(1, False), (2, False), (3, False), (3, True)])
+def test_fused_path_matches_reference_path(backend, case, adaptive):
+    data = batches(3)
+    a, b = make_model(), make_model()
+    oa = saq.SAQ(a, sgd(a), rho=0.2, case=case, adaptive=adaptive, fused=True)
+    ob = saq.SAQ(b, sgd(b), rho=0.2, case=case, adaptive=adaptive, fused=False)
+    with sk.use_backend(backend):
+        train(a, oa, data)
+    with sk.use_backend("reference"):
+        train(b, ob, data)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_bf16_autocast_step():
+    m = make_model()
+    ref = copy.deepcopy(m)
+    opt = saq.SAQ(m, sgd(m), rho=0.1)
+    oref = saq.SAQ(ref, sgd(ref), rho=0.1)
+    data = batches(2)
+    for x, y in data:
+        def closure():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+        assert torch.isfinite(loss)
+    train(ref, oref, data)
+    for (n, p), q in zip(m.named_parameters(), ref.parameters()):
+        assert torch.isfinite(p).all(), n
+        # bf16 matmuls: same direction as fp32, within bf16's few-percent relative error
+        torch.testing.assert_close(p, q, rtol=0.05, atol=0.02, msg=n)
+
+
+def test_fp16_grad_scaler_skips_like_grad_scaler():
+    m = make_model()
+    opt = saq.SAQ(m, sgd(m), rho=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    x, y = batches(1)[0]
+
+    def step(poison):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(m(x), y)
+        scaler.scale(loss).backward()
+        if poison:
+            m[3].bias.grad[0] = float("inf")
+        opt.ascent_step(grad_scaler=scaler)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss2 = F.cross_entropy(m(x), y)
+        scaler.scale(loss2).backward()
+        opt.descent_step(grad_scaler=scaler)
+
+    p0 = [p.detach().clone() for p in m.parameters()]
+    step(poison=True)
+    assert scaler.get_scale() == 2.0**9  # lowered, as GradScaler does on inf
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), p0))
+    step(poison=False)
+    assert scaler.get_scale() == 2.0**9
+    assert not all(torch.equal(p, q) for p, q in zip(m.parameters(), p0))
+    with pytest.warns(RuntimeWarning):
+        assert opt.skipped_steps == 1
+
+
+def test_gradient_accumulation_matches_hand_written():
+    data = batches(2)
+    m = make_model(dtype=torch.float64)
+    hand = copy.deepcopy(m)
+    opt = saq.SAQ(m, torch.optim.SGD(m.parameters(), lr=0.1), rho=0.2)
+    for x, y in data:  # each micro-batch: its own ascent, then its descent gradient accumulated
+        opt.zero_grad()
+        (F.cross_entropy(m(x.double()), y) / 2).backward()
+        opt.ascent_step()
+        (F.cross_entropy(m(x.double()), y) / 2).backward()
+        opt.accumulate()
+    opt.descent_step()
+
+    # by hand: a fresh single-batch SAQ step per micro-batch, its descent gradients summed
+    total = [torch.zeros_like(p) for p in hand.parameters()]
+    for x, y in data:
+        h = copy.deepcopy(hand)
+        o = saq.SAQ(h, torch.optim.SGD(h.parameters(), lr=0.1), rho=0.2)
+        (F.cross_entropy(h(x.double()), y) / 2).backward()
+        o.ascent_step()
+        (F.cross_entropy(h(x.double()), y) / 2).backward()
+        o.restore_step()
+        for t, p in zip(total, h.parameters()):
+            if p.grad is not None:
+                t += p.grad
+        # BatchNorm running statistics advance once per micro-batch forward, as in the real run
+        hand.load_state_dict({k: v for k, v in h.state_dict().items() if "running" in k or "num_batches" in k}, strict=False)
+    with torch.no_grad():
+        for p, t in zip(hand.parameters(), total):
+            p -= 0.1 * t
+    for (n, p), q in zip(m.named_parameters(), hand.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13, msg=n)
+
+
+def test_compiled_model_step_matches_eager_without_graph_breaks():
+    import torch._dynamo as dynamo
+
+    data = batches(2)
+    a, b = make_model(), make_model()
+    oa, ob = saq.SAQ(a, sgd(a), rho=0.1), saq.SAQ(b, sgd(b), rho=0.1)
+    x, y = data[0]
+    explain = dynamo.explain(lambda x: F.cross_entropy(a(x), y))(x)
+    assert explain.graph_break_count == 0, [r.reason for r in explain.break_reasons]
+    compiled = torch.compile(a, fullgraph=True)
+    train(a, oa, data, forward=compiled)
+    train(b, ob, data)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_efficient_mode_reuses_the_last_perturbation():
+    m = make_model()
+    opt = saq.SAQ(m, sgd(m), rho=0.1, ascent_every=3)
+    calls = []
+    x, y = batches(1)[0]
+
+    def closure():
+        calls.append(1)
+        return _lb(m, x, y)
+
+    for _ in range(6):
+        opt.step(closure)
+    assert len(calls) == 2 + 1 + 1 + 2 + 1 + 1  # full ascent on steps 0 and 3 only
+    # a reuse step applies exactly the stored perturbation
+    opt.zero_grad()
+    opt.reuse_perturbation()
+    layer, e = opt._last["weights"][0]
+    assert layer is m[0] and m[0]._saq_e is e
+    opt.restore_step()
+    with pytest.raises(ValueError, match="ascent_every"):
+        saq.SAQ(m, sgd(m), ascent_every=0)
