@@ -12,7 +12,10 @@ import torch.nn.functional as F
 
 import saq
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available")
+pytestmark = [
+    pytest.mark.slow,  # two spawned processes: ~15 s
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"),
+]
 
 STEPS, B = 3, 6
 

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# One-call GPU check for a CUDA machine without network (H100: torch 2.11, triton 3.6, nvcc, ninja).
+#
+#   bash benchmarks/gpu_check.sh            # from anywhere; works in the repository root
+#
+# Phases, each under `timeout` and inside one overall deadline (SAQ_CHECK_BUDGET seconds, default
+# 450, so the whole call stays under 8 minutes on an H100):
+#   1. facts: GPU, driver, torch / triton / nvcc versions
+#   2. build saq_kernels._C in place (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16); a failure is reported
+#      and the cuda/cpp backends then say why they are unavailable (no JIT rebuild: SAQ_JIT_BUILD=0)
+#   3. GPU tests: pytest -m gpu tests/kernels
+#   4. GPU benchmarks, SAQ_BENCH_MODE=short, one pytest per suite with its own time budget
+#      (the harness skips the remaining cases when the budget is spent; the CSV is written as it goes)
+#   5. plots and the markdown report
+# Results: benchmarks/results/<gpu-slug>.csv and benchmarks/results/plots/; when $OUT is set, also
+# $OUT/<gpu-slug>.csv, $OUT/gpu_check.log, $OUT/report.md, $OUT/plots.tar.gz, $OUT/bench_json.tar.gz.
+# The compact table is printed last.
+#
+# Environment: PYTHON (default python3), SAQ_CHECK_BUDGET (s), SAQ_CHECK_SKIP_BUILD=1,
+# SAQ_CHECK_SKIP_TESTS=1, SAQ_BENCH_MODE (default short), SAQ_CHECK_SUITES (default
+# "fake_quantize:35 liq_quantize:25 sam:15 train_step:25": suites and their shares of the benchmark
+# time), and every SAQ_BENCH_* knob of benchmarks/README.md.
+set -u -o pipefail
+
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PY=${PYTHON:-python3}
+BUDGET=${SAQ_CHECK_BUDGET:-450}
+DEADLINE=$((SECONDS + BUDGET))
+WORK=$(mktemp -d /tmp/saq_gpu_check.XXXXXX)
+LOG=$WORK/gpu_check.log
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export SAQ_BENCH_MODE=${SAQ_BENCH_MODE:-short}
+# suite:weight (its share of the benchmark time)
+SUITES=${SAQ_CHECK_SUITES:-"fake_quantize:35 liq_quantize:25 sam:15 train_step:25"}
+
+say() { echo "[gpu_check +$((SECONDS))s] $*" | tee -a "$LOG"; }
+left() { echo $((DEADLINE - SECONDS)); }
+# cap SECONDS: min(cap, time left - reserve), at least 10
+cap() { local c=$1 r=${2:-30} l; l=$(( $(left) - r )); [ "$l" -lt "$c" ] && c=$l; [ "$c" -lt 10 ] && c=10; echo "$c"; }
+
+say "repo $REPO, log $LOG, budget ${BUDGET}s, suite $SAQ_BENCH_MODE"
+
+# ---- 1. facts ---------------------------------------------------------------------------------
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>&1 | head -4
+  command -v nvcc >/dev/null && nvcc --version | tail -2
+  timeout 60 "$PY" - <<'EOF'
+import importlib.metadata as md, platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else "NONE")
+for pkg in ("triton", "pytest", "pytest-benchmark", "matplotlib", "ninja"):
+    try:
+        print(f"  {pkg} {md.version(pkg)}")
+    except md.PackageNotFoundError:
+        print(f"  {pkg} MISSING")
+EOF
+} 2>&1 | tee -a "$LOG"
+
+# ---- 2. build ---------------------------------------------------------------------------------
+if [ "${SAQ_CHECK_SKIP_BUILD:-0}" = 1 ]; then
+  say "build: skipped (SAQ_CHECK_SKIP_BUILD=1)"
+elif [ ! -f setup.py ]; then
+  say "build: SKIPPED: no setup.py in $REPO"
+else
+  T=$(cap 200 240)
+  say "build: python setup.py build_ext --inplace (TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16, timeout ${T}s)"
+  if TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout "$T" "$PY" setup.py build_ext --inplace >>"$WORK/build.log" 2>&1; then
+    say "build: ok"
+  else
+    rc=$?
+    say "build: FAILED rc=$rc ($([ $rc = 124 ] && echo timeout || echo error)); last lines:"
+    grep -iE "error|fatal" "$WORK/build.log" | head -8 | tee -a "$LOG"
+    tail -5 "$WORK/build.log" | tee -a "$LOG"
+  fi
+  cat "$WORK/build.log" >>"$LOG"
+fi
+export SAQ_JIT_BUILD=0
+timeout 120 "$PY" -c "
+import saq_kernels as s
+for name, why in s.available_backends().items():
+    print(f'  backend {name:10s}', 'available' if why is None else 'UNAVAILABLE: ' + why)
+" 2>&1 | tee -a "$LOG"
+
+# ---- 3. GPU tests -----------------------------------------------------------------------------
+if [ "${SAQ_CHECK_SKIP_TESTS:-0}" = 1 ]; then
+  say "tests: skipped (SAQ_CHECK_SKIP_TESTS=1)"
+elif [ ! -d tests/kernels ]; then
+  say "tests: SKIPPED: no tests/kernels"
+else
+  T=$(cap 120 200)
+  say "tests: pytest -m gpu tests/kernels (timeout ${T}s)"
+  timeout -s INT -k 10 "$T" "$PY" -m pytest -m gpu tests/kernels -q -rfEs -p no:cacheprovider \
+    >"$WORK/tests.log" 2>&1
+  rc=$?
+  cat "$WORK/tests.log" >>"$LOG"
+  grep -E "^(FAILED|ERROR)" "$WORK/tests.log" | head -15
+  case $rc in
+    0) say "tests: ok: $(tail -1 "$WORK/tests.log")" ;;
+    5) say "tests: no test carries the gpu marker" ;;
+    124|130) say "tests: TIMEOUT after ${T}s: $(tail -1 "$WORK/tests.log")" ;;
+    *) say "tests: FAILED rc=$rc: $(tail -1 "$WORK/tests.log")" ;;
+  esac
+fi
+
+# ---- 4. benchmarks ----------------------------------------------------------------------------
+CSV=$("$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import harness; print(harness.results_path())" 2>>"$LOG")
+say "benchmarks: suite $SAQ_BENCH_MODE -> ${CSV:-?}"
+wsum=0
+for sw in $SUITES; do w=${sw#*:}; [ "$w" = "$sw" ] && w=25; wsum=$((wsum + w)); done
+for sw in $SUITES; do
+  s=${sw%%:*}; w=${sw#*:}; [ "$w" = "$sw" ] && w=25
+  f=benchmarks/bench_$s.py
+  # this suite's weight in what is left (35 s kept for the report)
+  share=$(( ($(left) - 35) * w / wsum ))
+  wsum=$((wsum - w))
+  [ -f "$f" ] || { say "bench $s: SKIPPED: no $f"; continue; }
+  [ "$share" -lt 15 ] && { say "bench $s: SKIPPED: out of time"; continue; }
+  say "bench $s: budget ${share}s"
+  SAQ_BENCH_TIME_BUDGET=$((share - 10)) timeout -s INT -k 15 "$share" \
+    "$PY" -m pytest "$f" -q -rfEs -p no:cacheprovider --benchmark-json="$WORK/bench_$s.json" \
+    --benchmark-columns=median,rounds --benchmark-sort=name >"$WORK/bench_$s.log" 2>&1
+  rc=$?
+  cat "$WORK/bench_$s.log" >>"$LOG"
+  grep -E "^(FAILED|ERROR)" "$WORK/bench_$s.log" | head -10
+  say "bench $s: rc=$rc: $(tail -1 "$WORK/bench_$s.log")"
+done
+
+# ---- 5. plots, report, $OUT --------------------------------------------------------------------
+if [ -n "${CSV:-}" ] && [ -f "$CSV" ]; then
+  PLOTS=$(dirname "$CSV")/plots
+  timeout 60 "$PY" benchmarks/plot.py "$CSV" --out "$PLOTS" >>"$LOG" 2>&1 || say "plots: FAILED (see log)"
+  timeout 30 "$PY" benchmarks/report.py "$CSV" >"$WORK/report.md" 2>>"$LOG" || say "report: FAILED"
+else
+  say "no results file: nothing to plot or report"
+fi
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  [ -n "${CSV:-}" ] && [ -f "$CSV" ] && cp "$CSV" "$OUT/"
+  [ -f "$WORK/report.md" ] && cp "$WORK/report.md" "$OUT/"
+  [ -n "${PLOTS:-}" ] && [ -d "$PLOTS" ] && tar -czf "$OUT/plots.tar.gz" -C "$(dirname "$PLOTS")" plots
+  ls "$WORK"/bench_*.json >/dev/null 2>&1 && tar -czf "$OUT/bench_json.tar.gz" -C "$WORK" $(cd "$WORK" && ls bench_*.json)
+  say "copied results to \$OUT ($(ls "$OUT" | tr '\n' ' '))"
+  cp "$LOG" "$OUT/gpu_check.log"
+fi
+say "done in ${SECONDS}s"
+echo
+[ -f "$WORK/report.md" ] && cat "$WORK/report.md"
+exit 0
