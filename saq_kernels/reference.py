@@ -164,17 +164,24 @@ def _standardize(xf: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _liq_forward_fp32(xs: Tensor, c: Tensor, bits: int, signed: bool) -> Tuple[Tensor, Tensor]:
-    """Returns (y, r) with r = xs / c (before clamping), in the compute dtype."""
+    """Returns (y, r) with r = xs / c (before clamping), in the compute dtype.
+
+    Levels map back as ``k * (1/n)`` with ``1/n`` rounded to the compute dtype: ATen evaluates the
+    reference code's ``round(x * n) / n`` that way on CUDA (division by a scalar becomes a
+    multiplication by its reciprocal), so this matches the reference code's GPU numbers bit for
+    bit on every device; on the CPU the reference code's true division can differ by one ulp.
+    """
     n = float(2**bits - 1)
+    inv_n = torch.tensor(1.0, dtype=xs.dtype) / torch.tensor(n, dtype=xs.dtype)
     r = xs / c
     if signed:
         t = torch.clamp(r, -1.0, 1.0)
         v = (t + 1.0) / 2.0
-        u = torch.round(v * n) / n
+        u = torch.round(v * n) * inv_n.to(xs.device)
         y = (u * 2.0 - 1.0) * c
     else:
         t = torch.clamp(r, 0.0, 1.0)
-        u = torch.round(t * n) / n
+        u = torch.round(t * n) * inv_n.to(xs.device)
         y = u * c
     return y, r
 

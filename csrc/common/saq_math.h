@@ -13,6 +13,11 @@
 
 #if defined(__CUDACC__)
 #define SAQ_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Forced on the host too: the CPU kernels (csrc/cpu) vectorize loops over these helpers. gcc 12
+// left saq::liq_forward out of line in liq_quantize.cpp, so its AVX-512 loop made a scalar SSE
+// call per element (2^20 fp32, one thread: 14 ms, 45x a copy).
+#define SAQ_HD inline __attribute__((always_inline))
 #else
 #define SAQ_HD inline
 #endif
@@ -23,7 +28,29 @@ namespace saq {
 // unless a program changes it; CUDA's rintf is always round-to-nearest-even.
 SAQ_HD float round_half_even(float v) { return rintf(v); }
 
-SAQ_HD float clampf(float v, float lo, float hi) { return fminf(fmaxf(v, lo), hi); }
+// NaN propagates, as in torch.clamp (fminf/fmaxf alone would turn a NaN into a bound and hide a
+// non-finite activation behind a finite quantized value).
+#if defined(__CUDA_ARCH__)
+SAQ_HD float clampf(float v, float lo, float hi) { return v != v ? v : fminf(fmaxf(v, lo), hi); }
+#else
+// Host: the same result written as compares, which gcc vectorizes (maxps/minps operand order
+// keeps the NaN) without -ffast-math; fminf/fmaxf kept every CPU quantizer loop scalar
+// (gcc 12 -O3, -fopt-info-vec: "couldn't vectorize loop").
+SAQ_HD float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+#endif
+
+// a + s * e with the product rounded to fp32 before the sum, as the reference computes it (two
+// torch ops). Device code uses the _rn intrinsics, which the compiler never contracts into an
+// FMA (a fused a + s*e rounds once and can move x + s*e across a rounding tie, changing a
+// code). Host compilers contract only where FMA instructions are enabled and
+// -ffp-contract=fast; the CPU build must keep -ffp-contract=off (or no -mfma) for this.
+SAQ_HD float add_scaled(float a, float s, float e) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, __fmul_rn(s, e));
+#else
+  return a + s * e;
+#endif
+}
 
 // ---------------------------------------------------------------------------------------------
 // Affine fake quantization (LSQ / LSQ+). zp is already round_half_even(zero_point) clamped to
@@ -63,17 +90,22 @@ SAQ_HD void fq_backward(float x, float g, float scale, float inv, float zp, floa
 
 // ---------------------------------------------------------------------------------------------
 // LIQ (SAQ reference quantizer). c = |clip| > 0, n = 2^bits - 1 as float.
+// The level k is mapped back with k * fp32(1/n), not k / n: that is what ATen computes for the
+// reference code's `round(x * n) / n` on CUDA (a division by a scalar becomes a multiplication by
+// its reciprocal there), so GPU users get the reference code's numbers bit for bit, on every
+// backend and device. fp32(1/n) is correctly rounded here and in every other path.
 // ---------------------------------------------------------------------------------------------
 SAQ_HD float liq_forward(float xs, float c, float n, bool is_signed) {
   float r = xs / c;
+  float inv_n = 1.0f / n;
   if (is_signed) {
     float t = clampf(r, -1.0f, 1.0f);
     float v = (t + 1.0f) / 2.0f;
-    float u = round_half_even(v * n) / n;
+    float u = round_half_even(v * n) * inv_n;
     return (u * 2.0f - 1.0f) * c;
   }
   float t = clampf(r, 0.0f, 1.0f);
-  float u = round_half_even(t * n) / n;
+  float u = round_half_even(t * n) * inv_n;
   return u * c;
 }
 

@@ -1,12 +1,163 @@
 """The "cpp" (CPU) and "cuda" backends: the compiled extension saq_kernels._C (namespace saq_C).
 
-Placeholder until the extension lands: both report why they are unavailable.
+Both call ``torch.ops.saq_C.<op>`` with the op's positional arguments (docs/OPS.md, "Native
+schemas"). The extension loads lazily, at the first probe (saq_kernels._build.load_extension:
+the prebuilt library, else a JIT build); a failed load makes both backends unavailable with the
+reason. float64 inputs are left to the reference (the kernels compute in fp32 anyway).
+
+This module also holds the fakes of the saq_C ops (registered once the library is loaded; the C++
+``set_python_module`` names this module so torch can find them when tracing).
 """
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+
 from . import Backend, register_backend
 
-_REASON = "saq_kernels._C is not part of this build yet"
+__all__ = ["OPS", "register_fakes"]
 
-for _name in ("cpp", "cuda"):
-    register_backend(
-        Backend(name=_name, probe=lambda: _REASON, supports_fn=lambda op, d, t: _REASON)
-    )
+OPS = (
+    "fake_quantize",
+    "fake_quantize_backward",
+    "liq_quantize",
+    "liq_quantize_backward",
+    "grad_sq_norm",
+    "sam_perturb_",
+    "sam_restore_",
+    "sam_restore_sgd_",
+    "sam_restore_adamw_",
+)
+
+_FP64_REASON = (
+    "backend '{name}' does not serve float64 inputs (its kernels compute in fp32); "
+    "the reference backend serves float64"
+)
+
+
+def _load() -> Optional[str]:
+    """None once the extension is loaded (and the fakes registered), else the reason."""
+    from .. import _build
+
+    try:
+        _build.load_extension()
+    except Exception as exc:  # ExtensionUnavailable, or anything a broken install raises
+        return str(exc)
+    register_fakes()
+    return None
+
+
+def _probe_cpp() -> Optional[str]:
+    return _load()
+
+
+def _probe_cuda() -> Optional[str]:
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            return f"torch {torch.__version__} is a CPU-only build, so there is no CUDA device to run on"
+        return "torch.cuda.is_available() is False: no CUDA device is visible"
+    reason = _load()
+    if reason is not None:
+        return reason
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("saq_C::fake_quantize", "CUDA"):
+        return (
+            "saq_kernels._C was built without its CUDA kernels (a CPU-only torch or no nvcc at "
+            "build time): rebuild with pip install --no-build-isolation -e . on a CUDA machine"
+        )
+    return None
+
+
+def _supports(name: str, device: str) -> Callable[[str, str, object], Optional[str]]:
+    def fn(op: str, device_type: str, dtype) -> Optional[str]:
+        if device_type != device:
+            return f"backend '{name}' runs on {device} tensors, not {device_type}"
+        if dtype == torch.float64:
+            return _FP64_REASON.format(name=name)
+        return None
+
+    return fn
+
+
+def _impls() -> Dict[str, Callable]:
+    ns = torch.ops.saq_C
+    return {op: getattr(ns, op).default for op in OPS}
+
+
+register_backend(Backend(name="cpp", probe=_probe_cpp, supports_fn=_supports("cpp", "cpu"), impls=_impls))
+register_backend(Backend(name="cuda", probe=_probe_cuda, supports_fn=_supports("cuda", "cuda"), impls=_impls))
+
+
+# ----------------------------------------------------------------------------------------------
+# fakes of the saq_C ops (shapes, dtypes and devices of the outputs; contiguous like the kernels)
+# ----------------------------------------------------------------------------------------------
+_FAKES_REGISTERED = False
+
+
+def _like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _f32(p: torch.Tensor) -> torch.Tensor:
+    return torch.empty(p.shape, dtype=torch.float32, device=p.device)
+
+
+def register_fakes() -> None:
+    """Register the fake (meta) functions of the saq_C ops; idempotent. Needs the library loaded."""
+    global _FAKES_REGISTERED
+    if _FAKES_REGISTERED:
+        return
+    _FAKES_REGISTERED = True
+    reg = torch.library.register_fake
+
+    @reg("saq_C::fake_quantize")
+    def _(x, scale, zero_point, quant_min, quant_max, axis, grad_factor, e, s, before):
+        return _like(x)
+
+    @reg("saq_C::fake_quantize_backward")
+    def _(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor, e, s, before):
+        return _like(x), _f32(scale), _f32(zero_point)
+
+    @reg("saq_C::liq_quantize")
+    def _(x, clip, bits, signed, standardize, e, s, before):
+        return _like(x)
+
+    @reg("saq_C::liq_quantize_backward")
+    def _(grad, x, clip, bits, signed, standardize, e, s, before):
+        return _like(x), _f32(clip)
+
+    @reg("saq_C::grad_sq_norm")
+    def _(grads, params, adaptive, eta):
+        dev = grads[0].device if len(grads) else torch.device("cpu")
+        return (torch.empty((), dtype=torch.float32, device=dev),
+                torch.empty((), dtype=torch.float32, device=dev))
+
+    @reg("saq_C::sam_perturb_")
+    def _(params, grads, backups, scale, adaptive):
+        return None
+
+    @reg("saq_C::sam_restore_")
+    def _(params, backups):
+        return None
+
+    @reg("saq_C::sam_restore_sgd_")
+    def _(params, backups, grads, bufs, lr, momentum, dampening, wd, nesterov, first_step, found_inf):
+        return None
+
+    @reg("saq_C::sam_restore_adamw_")
+    def _(params, backups, grads, m, v, steps, lr, b1, b2, eps, wd, found_inf):
+        return None
+
+
+def _ops_defined() -> bool:
+    try:
+        torch.ops.saq_C.fake_quantize.default
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+# torch imports this module (the C++ set_python_module) when it needs a fake of an op loaded
+# without going through the backend probe, e.g. after a direct `import saq_kernels._C`.
+if _ops_defined():
+    register_fakes()

@@ -105,10 +105,12 @@ def liq_composite(x, clip, bits, signed, standardize):
     if standardize:
         x = (x - x.detach().mean()) / x.detach().std()
     c, n = clip.abs(), 2**bits - 1
+    # the reference code's `/ n`, as ATen evaluates it on CUDA: times the rounded reciprocal
+    inv_n = torch.tensor(1.0, dtype=x.dtype) / n
     if signed:
         t = torch.clamp(x / c, -1, 1)
-        return (ste((t + 1) / 2 * n) / n * 2 - 1) * c
-    return ste(torch.clamp(x / c, 0, 1) * n) / n * c
+        return (ste((t + 1) / 2 * n) * inv_n * 2 - 1) * c
+    return ste(torch.clamp(x / c, 0, 1) * n) * inv_n * c
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])

@@ -1,0 +1,248 @@
+// Helpers shared by the CPU kernels (csrc/cpu/*.cpp): ISA clones, fixed work decomposition,
+// dtype tiles and argument checks.
+//
+// Numerics: every quantizer computes in fp32 through csrc/common/saq_math.h. The sources are
+// compiled with -ffp-contract=off (no a*b+c -> fma where the reference rounds twice) and without
+// -ffast-math, so each ISA clone and the reference give the same bits.
+//
+// Determinism: work is cut into items of a fixed size (kBlock elements, independent of the number
+// of threads); each item reduces its elements into kLanes double accumulators in a fixed order and
+// the item partials are summed in item order. Sums are therefore identical run to run, whatever
+// at::get_num_threads() is and whichever ISA clone runs.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../common/saq_math.h"
+
+// One copy of each hot loop per x86-64 level (AVX-512, AVX2, baseline), picked at load time by
+// the dynamic linker (gcc target_clones / ifunc). The extension itself is built for the baseline
+// so it loads on any x86-64 CPU (the baseline clone stays scalar: rintf needs SSE4.1 to
+// vectorize). The saq_math.h helpers are always_inline so each clone gets its own copy.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(SAQ_NO_TARGET_CLONES)
+#define SAQ_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SAQ_CLONES
+#endif
+
+#if defined(__GNUC__)
+#define SAQ_INLINE inline __attribute__((always_inline))
+// For the per-element lambdas of lane_sum: a lambda left out of line is a default-target call
+// inside each ISA clone (and a scalar SSE call per element).
+#define SAQ_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define SAQ_INLINE inline
+#define SAQ_LAMBDA_INLINE
+#endif
+
+namespace saq_cpu {
+
+constexpr int64_t kTile = 1024;    // floats per conversion / scratch tile (4 KiB, stays in L1)
+constexpr int64_t kBlock = 16384;  // elements per work item (fixed: sums never depend on threads)
+constexpr int64_t kGrain = 32768;  // fewest elements per parallel task
+constexpr int kLanes = 16;         // double accumulators per reduction (two AVX-512 registers)
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Perturbation handling of the quantizers (docs/OPS.md): none, Q(x + s*e), Q(x) + s*e.
+enum PerturbMode : int { kNoPerturb = 0, kPerturbBefore = 1, kPerturbAfter = 2 };
+
+// ---------------------------------------------------------------------------------------------
+// dtype tiles: the kernels see fp32 arrays. fp32 tensors are used in place; fp16 / bf16 / fp64
+// tiles are converted into a stack buffer (fp16 / bf16 -> fp32 is exact; fp64 -> fp32 and
+// fp32 -> fp16 / bf16 round to nearest even, as tensor.to(dtype) does).
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+[[maybe_unused]] SAQ_CLONES static void to_float(const T* __restrict src, float* __restrict dst,
+                                                 int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+[[maybe_unused]] SAQ_CLONES static void from_float(const float* __restrict src,
+                                                   T* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// A read-only element stream of a contiguous tensor (p == nullptr: absent).
+struct In {
+  const void* p = nullptr;
+  at::ScalarType dt = at::kFloat;
+};
+
+// A write-only element stream of a contiguous tensor.
+struct Out {
+  void* p = nullptr;
+  at::ScalarType dt = at::kFloat;
+};
+
+inline In in_of(const at::Tensor& t) { return In{t.data_ptr(), t.scalar_type()}; }
+inline Out out_of(const at::Tensor& t) { return Out{t.data_ptr(), t.scalar_type()}; }
+
+// n fp32 values of s from element off: a pointer into the tensor for fp32, else converted into
+// buf (kTile floats). nullptr for an absent stream.
+inline const float* load(const In& s, int64_t off, int64_t n, float* buf) {
+  switch (s.dt) {
+    case at::kFloat:
+      return s.p ? static_cast<const float*>(s.p) + off : nullptr;
+    case at::kHalf:
+      if (!s.p) return nullptr;
+      to_float(static_cast<const c10::Half*>(s.p) + off, buf, n);
+      return buf;
+    case at::kBFloat16:
+      if (!s.p) return nullptr;
+      to_float(static_cast<const c10::BFloat16*>(s.p) + off, buf, n);
+      return buf;
+    case at::kDouble:
+      if (!s.p) return nullptr;
+      to_float(static_cast<const double*>(s.p) + off, buf, n);
+      return buf;
+    default:
+      TORCH_CHECK(false, "saq_C: unsupported dtype ", s.dt);
+  }
+}
+
+// Where a kernel writes n values of o from element off: the tensor itself for fp32, else buf.
+inline float* out_ptr(const Out& o, int64_t off, float* buf) {
+  return o.dt == at::kFloat ? static_cast<float*>(o.p) + off : buf;
+}
+
+// Completes a write started with out_ptr: converts buf into the tensor unless it is fp32.
+inline void commit(const Out& o, int64_t off, int64_t n, const float* buf) {
+  switch (o.dt) {
+    case at::kFloat:
+      return;
+    case at::kHalf:
+      return from_float(buf, static_cast<c10::Half*>(o.p) + off, n);
+    case at::kBFloat16:
+      return from_float(buf, static_cast<c10::BFloat16*>(o.p) + off, n);
+    case at::kDouble:
+      return from_float(buf, static_cast<double*>(o.p) + off, n);
+    default:
+      TORCH_CHECK(false, "saq_C: unsupported dtype ", o.dt);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic sums: lanes[l] += term(i) for the elements i = l (mod kLanes) of a run, in
+// element order. Callers feed runs whose lengths are multiples of kLanes except the last one of
+// a work item, so a sum depends only on the fixed item boundaries. The accumulators are copied
+// into locals so they stay in registers (gcc otherwise stores them back every iteration:
+// 0.23 -> 0.15 ms for the sum of 2^20 fp32, one thread, AVX-512 clone).
+// ---------------------------------------------------------------------------------------------
+template <class F>
+SAQ_INLINE void lane_sum(int64_t n, double* __restrict lanes, const F& term) {
+  double acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) acc[l] = lanes[l];
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += term(i + l);
+  }
+  for (int l = 0; i < n; ++i, ++l) acc[l] += term(i);
+  for (int l = 0; l < kLanes; ++l) lanes[l] = acc[l];
+}
+
+// Two sums at once: term(i, a, b) adds element i's terms to a and b.
+template <class F>
+SAQ_INLINE void lane_sum2(int64_t n, double* __restrict lanes_a, double* __restrict lanes_b,
+                          const F& term) {
+  double acc_a[kLanes], acc_b[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    acc_a[l] = lanes_a[l];
+    acc_b[l] = lanes_b[l];
+  }
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) term(i + l, acc_a[l], acc_b[l]);
+  }
+  for (int l = 0; i < n; ++i, ++l) term(i, acc_a[l], acc_b[l]);
+  for (int l = 0; l < kLanes; ++l) {
+    lanes_a[l] = acc_a[l];
+    lanes_b[l] = acc_b[l];
+  }
+}
+
+inline double lane_total(const double* lanes) {
+  double s = 0.0;
+  for (int l = 0; l < kLanes; ++l) s += lanes[l];
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks: the error names the op, the argument and the fix.
+// ---------------------------------------------------------------------------------------------
+// A floating CPU tensor the kernel reads (float64 is converted to fp32 on load, as the reference
+// converts secondary inputs to the compute dtype of x).
+inline void check_float_cpu(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": '", name, "' is on ", t.device(),
+              "; the CPU kernel needs CPU tensors (move it with .cpu())");
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+              op, ": '", name, "' has dtype ", dt,
+              "; pass a floating tensor (float32, float16 or bfloat16)");
+}
+
+// The tensor that sets the compute dtype (x, grads[0]): fp32 math serves fp32 / fp16 / bf16 only;
+// the reference computes float64 inputs in float64 (docs/OPS.md, "Pinned numerics").
+inline void check_compute_input(const char* op, const char* name, const at::Tensor& t) {
+  check_float_cpu(op, name, t);
+  TORCH_CHECK(t.scalar_type() != at::kDouble, op, ": '", name,
+              "' is float64, which the reference backend computes in float64; the C++ kernels "
+              "compute in fp32 and take float32, float16 or bfloat16 (use the reference backend, "
+              "or convert with .float())");
+}
+
+// The value of a one-element tensor as fp32, as tensor.float() rounds it.
+inline float scalar_f32(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.numel() == 1, op, ": '", name, "' must hold one value (shape [] or [1]), got ",
+              t.sizes());
+  return static_cast<float>(t.item().toDouble());
+}
+
+// Non-zero test of an optional 0-dim flag (found_inf); NaN counts as set.
+inline bool flag_set(const std::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return false;
+  TORCH_CHECK(t->numel() == 1, "saq_C: 'found_inf' must be a 0-dim tensor, got shape ",
+              t->sizes());
+  const auto v = t->item();
+  if (v.isBoolean()) return v.toBool();
+  const double d = v.toDouble();
+  return d != 0.0;
+}
+
+// Perturbation e (x's shape, contiguous copy kept alive here) and its 0-dim scale s.
+struct Perturbation {
+  at::Tensor e;
+  In in;
+  float s = 0.0f;
+  int mode = kNoPerturb;
+};
+
+inline Perturbation make_perturbation(const char* op, const at::Tensor& x,
+                                      const std::optional<at::Tensor>& e,
+                                      const std::optional<at::Tensor>& s, bool before) {
+  Perturbation p;
+  const bool has_e = e.has_value() && e->defined();
+  const bool has_s = s.has_value() && s->defined();
+  TORCH_CHECK(has_e == has_s, op, ": pass both 'perturbation' and 'perturb_scale', or neither");
+  if (!has_e) return p;
+  check_float_cpu(op, "perturbation", *e);
+  TORCH_CHECK(e->sizes() == x.sizes(), op, ": 'perturbation' has shape ", e->sizes(),
+              " but x has ", x.sizes());
+  TORCH_CHECK(s->device().is_cpu(), op, ": 'perturb_scale' is on ", s->device(),
+              "; the CPU kernel needs it on the CPU");
+  p.e = e->contiguous();
+  p.in = in_of(p.e);
+  p.s = scalar_f32(op, "perturb_scale", *s);
+  p.mode = before ? kPerturbBefore : kPerturbAfter;
+  return p;
+}
+
+}  // namespace saq_cpu

@@ -1,0 +1,294 @@
+"""Building and loading the compiled extension ``saq_kernels._C`` (C++ CPU kernels, CUDA kernels).
+
+One place for the sources and compiler flags, used by ``setup.py`` (ahead-of-time build; it
+loads this file by path, without importing the package) and by :func:`load_extension` (the JIT
+fallback with ninja when the package was installed without the extension).
+
+Environment:
+    SAQ_BUILD_EXT=0   setup.py builds no extension (pure-Python install).
+    SAQ_BUILD_CUDA=0  build only the C++ CPU kernels even where a CUDA torch and nvcc exist.
+    SAQ_JIT_BUILD=0   never JIT-build at run time; without a prebuilt extension the "cpp" and
+                      "cuda" backends are then unavailable.
+    SAQ_BUILD_DIR     JIT build directory (default ~/.cache/saq/<torch version>-<cpu|cuda>).
+    TORCH_CUDA_ARCH_LIST  CUDA architectures (default "8.0;9.0").
+
+Nothing here runs at import time, and importing it never imports torch.
+"""
+from __future__ import annotations
+
+import datetime
+import glob
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+from typing import Dict, List, Optional
+
+__all__ = [
+    "load_extension",
+    "build_info",
+    "csrc_dir",
+    "cpp_sources",
+    "cuda_sources",
+    "cxx_flags",
+    "link_flags",
+    "nvcc_flags",
+    "cuda_arch_list",
+    "cuda_wanted",
+    "make_build_info",
+    "write_build_info",
+    "BUILD_INFO_NAME",
+    "REBUILD_HINT",
+]
+
+_LOG = logging.getLogger("saq_kernels")
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+BUILD_INFO_NAME = "_build_info.json"
+REBUILD_HINT = "rebuild with pip install --no-build-isolation -e ."
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+# ----------------------------------------------------------------------------------------------
+# sources and flags
+# ----------------------------------------------------------------------------------------------
+def csrc_dir() -> Optional[str]:
+    """The C++/CUDA source folder: the repository's csrc/ (source tree, editable install) or the
+    copy a wheel ships as saq_kernels/_csrc; None when neither exists."""
+    for cand in (os.path.join(_PKG_DIR, "_csrc"), os.path.join(os.path.dirname(_PKG_DIR), "csrc")):
+        if os.path.isfile(os.path.join(cand, "register.cpp")):
+            return cand
+    return None
+
+
+def cpp_sources(csrc: str) -> List[str]:
+    """register.cpp and the CPU kernels, sorted (a stable build order)."""
+    return [os.path.join(csrc, "register.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+
+
+def cuda_sources(csrc: str) -> List[str]:
+    """The CUDA kernels and their registration file; empty if the folder has no .cu files."""
+    cu = sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
+    reg = os.path.join(csrc, "cuda_register.cpp")
+    if not cu or not os.path.isfile(reg):
+        return []
+    return cu + [reg]
+
+
+def _openmp() -> bool:
+    # at::parallel_for is a header template: with an OpenMP torch it only runs in parallel when
+    # the extension is compiled with -fopenmp (otherwise _OPENMP is undefined and it runs serially).
+    import torch
+
+    return bool(torch.backends.openmp.is_available()) and sys.platform != "darwin"
+
+
+def cxx_flags() -> List[str]:
+    """Host compiler flags. No -ffast-math; -ffp-contract=off keeps a*b+c as two roundings where
+    the reference rounds twice (quantized codes must equal the reference's bit for bit)."""
+    if sys.platform == "win32":
+        return ["/O2", "/fp:precise", "/openmp"] if _openmp() else ["/O2", "/fp:precise"]
+    flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+    if _openmp():
+        flags.append("-fopenmp")
+    return flags
+
+
+def link_flags() -> List[str]:
+    if sys.platform != "win32" and _openmp():
+        return ["-fopenmp"]
+    return []
+
+
+def nvcc_flags() -> List[str]:
+    """nvcc flags: -fmad=false for the same reason as -ffp-contract=off on the host."""
+    return ["-O3", "-fmad=false", "-lineinfo", "-DWITH_CUDA"]
+
+
+def cuda_arch_list() -> str:
+    return os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_CUDA_ARCHS
+
+
+def _nvcc() -> Optional[str]:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME:
+        exe = os.path.join(CUDA_HOME, "bin", "nvcc")
+        if os.path.isfile(exe):
+            return exe
+    return shutil.which("nvcc")
+
+
+def cuda_wanted(csrc: str) -> Optional[str]:
+    """None if the CUDA kernels should be built here, else why not (a sentence)."""
+    import torch
+
+    if os.environ.get("SAQ_BUILD_CUDA", "1") == "0":
+        return "SAQ_BUILD_CUDA=0"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if _nvcc() is None:
+        return "nvcc was not found (set CUDA_HOME)"
+    if not cuda_sources(csrc):
+        return "csrc/cuda has no kernels"
+    return None
+
+
+def _compiler_version() -> Optional[str]:
+    import subprocess
+
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout.splitlines()[0].strip() if out.stdout else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def make_build_info(with_cuda: bool, how: str) -> Dict[str, object]:
+    """The build metadata written next to the library (saq_kernels/_build_info.json)."""
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if with_cuda else None,
+        "cuda_archs": cuda_arch_list().replace(" ", ";").split(";") if with_cuda else [],
+        "cxx_flags": cxx_flags(),
+        "nvcc_flags": nvcc_flags() if with_cuda else [],
+        "compiler": _compiler_version(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "built_by": how,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_build_info(directory: str, info: Dict[str, object]) -> str:
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, BUILD_INFO_NAME)
+    with open(path, "w") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------
+class ExtensionUnavailable(RuntimeError):
+    """saq_kernels._C cannot be used here; str(exc) says why, as a sentence."""
+
+
+_STATE: Dict[str, object] = {"module": None, "error": None, "info": None}
+
+
+def build_info() -> Optional[Dict[str, object]]:
+    """Metadata of the loaded (or installed) extension build, or None if unknown."""
+    if _STATE["info"] is not None:
+        return _STATE["info"]  # type: ignore[return-value]
+    path = os.path.join(_PKG_DIR, BUILD_INFO_NAME)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def load_extension():
+    """Return the loaded extension module (its import registers the torch.ops.saq_C ops).
+
+    Tries the prebuilt ``saq_kernels._C``; if it is not installed, JIT-builds the sources with
+    ninja (unless SAQ_JIT_BUILD=0). Raises :class:`ExtensionUnavailable` with the reason; the
+    outcome is cached, so a failed build is not retried in the same process.
+    """
+    if _STATE["module"] is not None:
+        return _STATE["module"]
+    if _STATE["error"] is not None:
+        raise ExtensionUnavailable(_STATE["error"])
+    try:
+        mod = _load()
+    except ExtensionUnavailable as exc:
+        _STATE["error"] = str(exc)
+        raise
+    except Exception as exc:  # a broken build must surface as a reason, not a crash
+        _STATE["error"] = f"loading saq_kernels._C failed ({type(exc).__name__}: {exc}); {REBUILD_HINT}"
+        raise ExtensionUnavailable(_STATE["error"]) from exc
+    _STATE["module"] = mod
+    return mod
+
+
+def _load():
+    import importlib
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.find_spec("saq_kernels._C")
+    if spec is not None:
+        info = build_info()
+        if info is not None and info.get("torch") != torch.__version__:
+            raise ExtensionUnavailable(
+                f"saq_kernels._C was built for torch {info.get('torch')}, running "
+                f"{torch.__version__}: {REBUILD_HINT}"
+            )
+        try:
+            mod = importlib.import_module("saq_kernels._C")
+        except ImportError as exc:
+            raise ExtensionUnavailable(f"saq_kernels._C failed to load ({exc}); {REBUILD_HINT}") from exc
+        _STATE["info"] = info
+        return mod
+    return _jit_build()
+
+
+def _jit_build():
+    import torch
+    from torch.utils import cpp_extension
+
+    if os.environ.get("SAQ_JIT_BUILD", "1") == "0":
+        raise ExtensionUnavailable(
+            "saq_kernels._C is not built and SAQ_JIT_BUILD=0 disables the JIT build; "
+            "install with pip install --no-build-isolation -e ."
+        )
+    csrc = csrc_dir()
+    if csrc is None:
+        raise ExtensionUnavailable(
+            "saq_kernels._C is not built and its C++ sources are not installed, so it cannot be "
+            "JIT-built; install from a source checkout with pip install --no-build-isolation -e ."
+        )
+    if not cpp_extension.is_ninja_available():
+        raise ExtensionUnavailable(
+            "saq_kernels._C is not built and the JIT build needs ninja: pip install ninja "
+            "(or build ahead of time with pip install --no-build-isolation -e .)"
+        )
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise ExtensionUnavailable(
+            f"saq_kernels._C is not built and no C++ compiler ({cxx}) was found for the JIT build; "
+            "install g++ or set CXX"
+        )
+    with_cuda = cuda_wanted(csrc) is None
+    sources = cpp_sources(csrc) + (cuda_sources(csrc) if with_cuda else [])
+    tag = f"torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}".replace("+", "_")
+    build_dir = os.environ.get("SAQ_BUILD_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "saq", tag
+    )
+    os.makedirs(build_dir, exist_ok=True)
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cuda_arch_list())
+    _LOG.warning("saq_kernels: JIT-building the C++%s extension in %s (first use only; about a minute)",
+                 "/CUDA" if with_cuda else "", build_dir)
+    mod = cpp_extension.load(
+        name="saq_kernels_C",
+        sources=sources,
+        extra_cflags=cxx_flags() + (["-DWITH_CUDA"] if with_cuda else []),
+        extra_cuda_cflags=nvcc_flags() if with_cuda else None,
+        extra_ldflags=link_flags(),
+        extra_include_paths=[csrc],
+        build_directory=build_dir,
+        with_cuda=with_cuda,
+        is_python_module=True,
+        verbose=False,
+    )
+    _STATE["info"] = make_build_info(with_cuda, "jit")
+    return mod

@@ -1,0 +1,150 @@
+"""Shared pieces of the saq Triton kernels: exact rounding, clamping, launch constants.
+
+Everything here must compile with Triton 3.6 (the GPU machines) and 3.9, and run under the CPU
+interpreter (``TRITON_INTERPRET=1``), so only core ``triton.language`` is used: ``libdevice``
+functions (``rint``, ``pow``) are extern calls the interpreter refuses.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Elementwise kernels: 1024 elements per program over 4 warps (128 threads) = 8 fp32 per thread,
+# two 16-byte vector accesses in flight per operand, the usual point for memory-bound pointwise
+# kernels (Inductor's pointwise XBLOCK=1024 / 4 warps). TODO(GPU): measure 1024/4 against
+# 2048/8 and 4096/8 on an H100 (benchmarks/); no GPU was available when these were written.
+BLOCK = 1024
+NUM_WARPS = 4
+# Reduction kernels (fake-quantize backward) cap their grid at this many programs and loop over
+# the rest, so the partial-sum buffer stays small (<= MAX_PROGRAMS * C floats) while still
+# giving each of an H100's 132 SMs several programs. TODO(GPU): measure.
+MAX_PROGRAMS = 1024
+
+
+def interpreting() -> bool:
+    """True when the Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch_options() -> dict:
+    """Compile options for every launch.
+
+    ``enable_fp_fusion=False``: the reference runs each multiply and add as its own torch kernel
+    (separately rounded), so a fused multiply-add here (``x + s*e``, ``q*scale + s*e``) would move
+    outputs by an ulp and break bitwise equality. The interpreter ignores these options.
+    """
+    return {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
+
+
+def needs_int64(n: int) -> bool:
+    """Whether offsets up to ``n`` (plus a grid's worth of slack) overflow int32 indexing."""
+    return n + BLOCK * MAX_PROGRAMS >= 2**31
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The triton.language dtype of a torch floating dtype (for pointer casts in tables)."""
+    try:
+        return _TL_DTYPES[dtype]
+    except KeyError:
+        raise TypeError(
+            f"saq Triton kernels: unsupported dtype {dtype}; use float32, float16 or bfloat16"
+        ) from None
+
+
+@triton.jit
+def round_half_even(v):
+    """Round half to even, exactly like ``torch.round`` / ``nearbyint``, for every fp32 input.
+
+    Built from ``floor`` because ``libdevice.rint`` is an extern call the interpreter cannot run
+    and the magic-number trick ``(v + 1.5*2^23) - 1.5*2^23`` is only valid for |v| < 2^22.
+    ``d = v - floor(v)`` is exact for all finite v (Sterbenz, and for -1 < v < 0 a rounded
+    ``v + 1`` can only land on 0.5 or above, which still rounds the right way). Infinities and NaN
+    pass through (``floor`` keeps them and the comparisons are false).
+    """
+    r = tl.floor(v)
+    d = v - r
+    half = r * 0.5
+    odd = (half - tl.floor(half)) != 0.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, r + 1.0, r)
+
+
+@triton.jit
+def clamp_keep_nan(v, lo, hi):
+    """``torch.clamp`` semantics: NaN stays NaN (where-based, unlike PTX min/max)."""
+    v = tl.where(v < lo, lo, v)
+    return tl.where(v > hi, hi, v)
+
+
+@triton.jit
+def to_dtype(v, DT: tl.constexpr):
+    """Cast fp32 ``v`` to ``DT`` rounding to nearest even, as torch's ``.to(dtype)`` does.
+
+    bf16 is rounded by hand (c10::BFloat16's ``round_to_nearest_even``: add 0x7FFF plus the kept
+    LSB, keep the high half, NaN -> 0x7FC0) because the Triton interpreter truncates fp32 -> bf16;
+    on a GPU this is the same value ``cvt.rn.bf16.f32`` gives.
+    """
+    if DT == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        r = tl.where(v != v, 0x7FC0, r)
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(DT)
+
+
+@triton.jit
+def round_to(v, DT: tl.constexpr):
+    """fp32 ``v`` rounded to ``DT`` and widened back to fp32 (one torch op's rounding in DT)."""
+    if DT == tl.float32:
+        return v
+    else:
+        return to_dtype(v, DT).to(tl.float32)
+
+
+@triton.jit
+def load_f32(ptrs, mask, other):
+    """Load as fp32. ``mask`` None: a full block, loaded unmasked so the compiler can use 16-byte
+    vector accesses (a mask built from a run-time size defeats them); else masked with ``other``.
+    """
+    if mask is None:
+        return tl.load(ptrs).to(tl.float32)
+    else:
+        return tl.load(ptrs, mask=mask, other=other).to(tl.float32)
+
+
+@triton.jit
+def load_raw(ptrs, mask):
+    """Load in the pointer's dtype (``mask`` None: unmasked, see :func:`load_f32`)."""
+    if mask is None:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def masked_sum(v, mask):
+    """Sum of a block, masked-off lanes excluded (``mask`` None: every lane counts)."""
+    if mask is None:
+        return tl.sum(v, axis=0)
+    else:
+        return tl.sum(tl.where(mask, v, 0.0), axis=0)

@@ -1,0 +1,654 @@
+"""The "cpp" backend (C++ CPU kernels of saq_kernels._C, ops torch.ops.saq_C.*) against the reference.
+
+Skipped, with the backend's own reason, where the extension is not built and cannot be JIT-built.
+
+* quantized outputs: bitwise equal (``torch.equal``) for fp32 / fp16 / bf16 inputs, ties, odd
+  sizes, every layout (per tensor, per channel on axis 0, 1, -1), non-contiguous inputs and all
+  perturbation modes; standardized LIQ may differ where the statistics differ in the last bit:
+  rarely, and by exactly one level;
+* gradients: dx bitwise; scale / zero-point / clip gradients and norms within twice the
+  reference's own error against a float64 oracle, never below one fp32 rounding of the
+  magnitude summed (``_assert_within``); sums are bitwise reproducible for any thread count;
+* sam_perturb_ / sam_restore_: bitwise, with poisoned backups; SGD / AdamW: the same derived
+  tolerance against the reference run in float64.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import saq_kernels as sk
+from saq_kernels import reference as R
+
+_BACKEND = sk.get_backend("cpp")
+_REASON = _BACKEND.available()
+if _REASON is not None:
+    pytest.skip(f"cpp backend unavailable: {_REASON}", allow_module_level=True)
+
+C = torch.ops.saq_C
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+PERTURB = ["none", "after", "before"]
+EPS32 = torch.finfo(torch.float32).eps
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def _rand(shape, dtype=torch.float32, seed=0, scale=3.0, noncontig=False):
+    gen = torch.Generator().manual_seed(seed)
+    if noncontig and len(shape) >= 2:  # same shape, transposed strides
+        t = torch.randn(tuple(reversed(shape)), generator=gen) * scale
+        t = t.permute(*reversed(range(len(shape))))
+        assert not t.is_contiguous() or 1 in shape
+        return t.to(dtype)
+    return (torch.randn(shape, generator=gen) * scale).to(dtype)
+
+
+def _qrange(bits, signed):
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
+def _fq_params(x, axis, seed=1, zp_scale=2.0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = [1] if axis is None else [x.shape[axis]]
+    scale = torch.rand(shape, generator=gen) * 0.5 + 0.05
+    zp = torch.randn(shape, generator=gen) * zp_scale
+    return scale, zp
+
+
+def _perturbation(kind, x, seed=3):
+    if kind == "none":
+        return None, None, False
+    e = _rand(x.shape, x.dtype, seed=seed, scale=1.0)
+    return e, torch.tensor(0.07), kind == "before"
+
+
+def _assert_within(actual, ref, oracle, scale=None, what=""):
+    """max|actual - oracle| <= 2 * max(max|ref - oracle|, eps32 * max(scale)).
+
+    ``scale``: the magnitude one fp32 rounding is relative to (default |oracle|; for sums, the sum
+    of the absolute terms), so an exact-by-luck reference does not demand exactness.
+    """
+    oracle = oracle.double()
+    scale = oracle.abs() if scale is None else scale.double()
+    err = float((actual.double() - oracle).abs().max()) if oracle.numel() else 0.0
+    err_ref = float((ref.double() - oracle).abs().max()) if oracle.numel() else 0.0
+    floor = EPS32 * float(scale.max()) if scale.numel() else 0.0
+    tol = 2 * max(err_ref, floor)
+    assert err <= tol, f"{what}: error {err:.3e} > tolerance {tol:.3e} (reference error {err_ref:.3e})"
+
+
+def _bits_equal(a, b):
+    """Bitwise equality (NaN payloads and signed zeros included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    ity = {4: torch.int32, 2: torch.int16, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(ity), b.contiguous().view(ity))
+
+
+# ----------------------------------------------------------------------------------------------
+# registry and build
+# ----------------------------------------------------------------------------------------------
+def test_backend_registry_and_reasons():
+    assert set(_BACKEND.table()) == {
+        "fake_quantize", "fake_quantize_backward", "liq_quantize", "liq_quantize_backward",
+        "grad_sq_norm", "sam_perturb_", "sam_restore_", "sam_restore_sgd_", "sam_restore_adamw_",
+    }
+    assert _BACKEND.supports("fake_quantize", "cpu", torch.float32) is None
+    assert "float64" in _BACKEND.supports("fake_quantize", "cpu", torch.float64)
+    assert "reference" in _BACKEND.supports("liq_quantize", "cpu", torch.float64)
+    assert "cpu" in _BACKEND.supports("fake_quantize", "cuda", torch.float32)
+    if not torch.cuda.is_available():
+        assert isinstance(sk.get_backend("cuda").available(), str)
+    # default CPU order: fp32 goes to the C++ kernel, fp64 to the reference
+    from saq_kernels.backends import select
+
+    assert select("fake_quantize", "cpu", torch.float32) is C.fake_quantize.default
+    assert select("fake_quantize", "cpu", torch.float64) is R.fake_quantize
+
+
+def test_build_info_and_load():
+    from saq_kernels import _build
+
+    mod = _build.load_extension()
+    assert mod.with_cuda in (0, 1)
+    info = _build.build_info()
+    if info is not None:  # absent only for an extension built outside setup.py / the JIT
+        assert info["torch"] == torch.__version__
+        assert "-ffp-contract=off" in info["cxx_flags"]
+
+
+def test_version_mismatch_is_a_reason(monkeypatch):
+    import importlib.util
+
+    from saq_kernels import _build
+
+    if importlib.util.find_spec("saq_kernels._C") is None:
+        pytest.skip("saq_kernels._C is JIT-built here; the check reads a prebuilt one's build info")
+    monkeypatch.setattr(_build, "_STATE", {"module": None, "error": None, "info": None})
+    monkeypatch.setattr(_build, "build_info", lambda: {"torch": "0.0.1"})
+    with pytest.raises(_build.ExtensionUnavailable) as exc:
+        _build.load_extension()
+    assert str(exc.value) == (
+        f"saq_kernels._C was built for torch 0.0.1, running {torch.__version__}: "
+        "rebuild with pip install --no-build-isolation -e ."
+    )
+    with pytest.raises(_build.ExtensionUnavailable):  # cached: no retry in this process
+        _build.load_extension()
+
+
+def test_direct_import_registers_the_fakes():
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("saq_kernels._C") is None:
+        pytest.skip("no prebuilt saq_kernels._C here (JIT-built)")
+    code = (
+        "import sys, torch, saq_kernels._C\n"
+        "assert 'saq_kernels.backends.native_backend' in sys.modules\n"
+        "k = torch._library.simple_registry.singleton.find('saq_C::fake_quantize').fake_impl.kernel\n"
+        "assert k is not None\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# fake_quantize
+# ----------------------------------------------------------------------------------------------
+# (shape, axis): per tensor; per channel on axis 0 / 1 / -1 with long rows (>= 256) and short
+# ones (the periodic layout), one row period wider than a tile, and sizes around the blocks.
+_FQ_LAYOUTS = [
+    ((1,), None), ((7,), None), ((16385,), None), ((5, 7, 33), None),
+    ((13, 300), 0), ((3, 5, 7), 0), ((2, 9, 5, 11), 1), ((4, 3, 600), 1),
+    ((37, 3, 23), -1), ((70, 1500), -1), ((9, 1), 0), ((300, 5), 1),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", _FQ_LAYOUTS, ids=lambda l: f"{l[0]}-{l[1]}")
+@pytest.mark.parametrize("perturb", PERTURB)
+def test_fake_quantize_forward_exact(dtype, layout, perturb):
+    shape, axis = layout
+    x = _rand(shape, dtype, noncontig=len(shape) > 1 and perturb == "after")
+    scale, zp = _fq_params(x, axis)
+    e, s, before = _perturbation(perturb, x)
+    args = (scale, zp, -8, 7, axis, 1.0, e, s, before)
+    y = C.fake_quantize(x, *args)
+    assert y.dtype == x.dtype and y.shape == x.shape and y.is_contiguous()
+    assert torch.equal(y, R.fake_quantize(x, *args))
+
+
+@pytest.mark.parametrize("perturb,axis", [("none", None), ("before", None), ("after", 0), ("none", 1)])
+def test_fake_quantize_large(perturb, axis):
+    shape = (1000003,) if axis is None else (129, 2051)
+    x = _rand(shape)
+    scale, zp = _fq_params(x, axis)
+    e, s, before = _perturbation(perturb, x)
+    args = (scale, zp, 0, 255, axis, 0.01, e, s, before)
+    assert torch.equal(C.fake_quantize(x, *args), R.fake_quantize(x, *args))
+    grad = _rand(shape, seed=5, scale=1.0)
+    dx, ds, dz = C.fake_quantize_backward(grad, x, *args)
+    rdx, rds, rdz = R.fake_quantize_backward(grad, x, *args)
+    assert torch.equal(dx, rdx)
+    _check_fq_sums(ds, dz, rds, rdz, (grad, x) + args, "large")
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("signed", [True, False])
+def test_fake_quantize_bits(bits, signed):
+    qmin, qmax = _qrange(bits, signed)
+    x = _rand((3, 331), seed=bits)
+    for axis in (None, 0, -1):
+        scale, zp = _fq_params(x, axis, seed=bits)
+        args = (scale, zp * 2**bits, qmin, qmax, axis, 1.0, None, None, False)
+        assert torch.equal(C.fake_quantize(x, *args), R.fake_quantize(x, *args))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fake_quantize_ties_and_extremes(dtype):
+    # x * (1/scale) lands exactly on k + 0.5 (scale a power of two): round half to even
+    k = torch.arange(-40, 40, dtype=torch.float32)
+    x = torch.cat([(k + 0.5) * 0.25, -(k + 0.5) * 0.25, k * 0.25]).to(dtype)
+    for zp in (0.0, 3.0, -2.5, 2.5, 1.5):  # zero points at ties too
+        args = (torch.tensor([0.25]), torch.tensor([zp]), -16, 15, None, 1.0, None, None, False)
+        assert torch.equal(C.fake_quantize(x, *args), R.fake_quantize(x, *args)), zp
+    wide = torch.cat([torch.arange(-6001, 6001, 2, dtype=torch.float32) * 0.5,
+                      torch.tensor([1e30, -1e30, 3e38, float("inf"), -float("inf"), float("nan"), -0.0])])
+    args = (torch.tensor(1.0), torch.tensor(0.0), -32768, 32767, None, 1.0, None, None, False)
+    torch.testing.assert_close(C.fake_quantize(wide, *args), R.fake_quantize(wide, *args),
+                               rtol=0, atol=0, equal_nan=True)
+    g = torch.ones_like(wide)
+    a, b = C.fake_quantize_backward(g, wide, *args), R.fake_quantize_backward(g, wide, *args)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0, equal_nan=True)
+
+
+def test_fake_quantize_layout_edge_cases():
+    base = _rand((6, 10, 7))
+    cases = [(base.transpose(0, 2), 1), (base[:, ::2, :], -1), (base.permute(2, 0, 1), None),
+             (base.contiguous(memory_format=torch.contiguous_format)[None].contiguous(
+                 memory_format=torch.channels_last), 1),
+             (torch.tensor(1.37), None), (torch.empty(0, 3), 1), (torch.empty(0), None)]
+    for x, axis in cases:
+        scale, zp = _fq_params(x, axis)
+        args = (scale, zp, 0, 15, axis, 1.0, None, None, False)
+        y = C.fake_quantize(x, *args)
+        assert y.is_contiguous() and torch.equal(y, R.fake_quantize(x, *args))
+        dx, ds, dz = C.fake_quantize_backward(torch.ones_like(x), x, *args)
+        assert torch.equal(dx, R.fake_quantize_backward(torch.ones_like(x), x, *args)[0])
+        assert ds.shape == scale.shape and dz.shape == zp.shape
+    # 0-dim scale / zero point (per tensor) give 0-dim gradients
+    x = _rand((50,))
+    dx, ds, dz = C.fake_quantize_backward(x, x, torch.tensor(0.1), torch.tensor(1.0), 0, 15, None,
+                                          1.0, None, None, False)
+    assert ds.shape == () and dz.shape == ()
+
+
+def _fq_terms(grad, x, scale, zp, qmin, qmax, axis, gf, e, s, before):
+    """Elementwise dscale / dzp terms, the reference's fp32 ops, unsummed."""
+    xf = R._perturbed_input(x, e, s, before)
+    g = grad.float()
+    sv, zpv, inv, xq = R._fq_codes(xf, scale, zp, qmin, qmax, axis)
+    below, above = xq < qmin, xq > qmax
+    inside = ~(below | above)
+    ds_in = g * ((torch.clamp(xq, qmin, qmax) - zpv) * sv - xf) * inv
+    ds = torch.where(inside, ds_in, torch.where(below, g * (qmin - zpv), g * (qmax - zpv))) * gf
+    dz = torch.where(inside, torch.zeros_like(g), -g * sv * gf)
+    return ds, dz
+
+
+def _check_fq_sums(ds, dz, rds, rdz, args, what):
+    grad, x, scale, zp, qmin, qmax, axis = args[:7]
+    tds, tdz = _fq_terms(*args)
+    assert ds.dtype == torch.float32 and ds.shape == scale.shape and dz.shape == zp.shape
+    for got, ref, terms, name in ((ds, rds, tds, "dscale"), (dz, rdz, tdz, "dzero_point")):
+        oracle = R._sum_like(terms.double(), scale, x, axis)
+        mag = R._sum_like(terms.double().abs(), scale, x, axis)
+        _assert_within(got, ref, oracle, mag, f"{name} {what}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", _FQ_LAYOUTS[2:], ids=lambda l: f"{l[0]}-{l[1]}")
+@pytest.mark.parametrize("perturb", PERTURB)
+def test_fake_quantize_backward(dtype, layout, perturb):
+    shape, axis = layout
+    x = _rand(shape, dtype, noncontig=len(shape) > 1 and perturb == "before")
+    scale, zp = _fq_params(x, axis)
+    e, s, before = _perturbation(perturb, x)
+    grad = _rand(shape, dtype, seed=7, scale=1.0)
+    args = (grad, x, scale, zp, -8, 7, axis, 0.3, e, s, before)
+    dx, ds, dz = C.fake_quantize_backward(*args)
+    rdx, rds, rdz = R.fake_quantize_backward(*args)
+    assert dx.dtype == dtype and dx.is_contiguous() and torch.equal(dx, rdx)
+    _check_fq_sums(ds, dz, rds, rdz, args, f"{dtype} {layout} {perturb}")
+
+
+@pytest.mark.parametrize("axis", [None, 1, -1])
+def test_fake_quantize_sums_reproducible_across_threads(axis):
+    x = _rand((40, 3, 2000) if axis is not None else (200003,))
+    scale, zp = _fq_params(x, axis)
+    grad = _rand(x.shape, seed=2, scale=1.0)
+    args = (grad, x, scale, zp, -8, 7, axis, 1.0, None, None, False)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(C.fake_quantize_backward(*args))
+    finally:
+        torch.set_num_threads(threads)
+    for o in outs[1:]:
+        for a, b in zip(o, outs[0]):
+            assert torch.equal(a, b)
+
+
+def test_fake_quantize_through_the_public_op():
+    x = _rand((7, 65))
+    scale, zp = _fq_params(x, 0)
+
+    def grads(name):
+        xs, ss, zs = (t.clone().requires_grad_() for t in (x, scale, zp))
+        with sk.use_backend(name):
+            y = sk.fake_quantize(xs, ss, zs, -8, 7, 0, 0.5)
+            y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+        return y.detach(), xs.grad, ss.grad, zs.grad
+
+    ours, ref = grads("cpp"), grads("reference")
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+    torch.testing.assert_close(ours[2], ref[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[3], ref[3], rtol=1e-5, atol=1e-6)
+
+
+def test_fake_quantize_errors_name_the_op():
+    x = _rand((4, 5))
+    with pytest.raises(RuntimeError, match="saq_C::fake_quantize.*float64.*reference"):
+        C.fake_quantize(x.double(), torch.tensor([0.1]), torch.tensor([0.0]), 0, 15, None, 1.0,
+                        None, None, False)
+    with pytest.raises(RuntimeError, match="saq_C::fake_quantize.*perturbation"):
+        C.fake_quantize(x, torch.tensor([0.1]), torch.tensor([0.0]), 0, 15, None, 1.0,
+                        torch.zeros(3), torch.tensor(0.1), False)
+    with pytest.raises(RuntimeError, match="saq_C::fake_quantize.*'scale'"):
+        C.fake_quantize(x, torch.rand(3), torch.zeros(3), 0, 15, 1, 1.0, None, None, False)
+    with pytest.raises(RuntimeError, match="saq_C::fake_quantize.*dtype"):
+        C.fake_quantize(x.int(), torch.tensor([0.1]), torch.tensor([0.0]), 0, 15, None, 1.0,
+                        None, None, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# liq_quantize
+# ----------------------------------------------------------------------------------------------
+def _liq_inputs(dtype, signed, shape=(37, 41), seed=0, noncontig=False):
+    x = _rand(shape, dtype, seed=seed, scale=1.0, noncontig=noncontig)
+    clip = torch.tensor([1.7 if signed else -2.1])  # negative: |clip| and sign(clip)
+    return x, clip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("perturb", PERTURB)
+def test_liq_forward_exact(dtype, signed, perturb):
+    for shape in ((1,), (7,), (37, 41), (17000,)):
+        x, clip = _liq_inputs(dtype, signed, shape, noncontig=len(shape) > 1)
+        e, s, before = _perturbation(perturb, x)
+        for bits in range(2, 9):
+            args = (clip, bits, signed, False, e, s, before)
+            y = C.liq_quantize(x, *args)
+            assert y.dtype == x.dtype and y.is_contiguous()
+            assert torch.equal(y, R.liq_quantize(x, *args)), (shape, bits)
+
+
+def _level_mismatches(y, yr, clip, bits, signed):
+    """Number of elements that differ; asserts each differs by exactly one quantization level."""
+    diff = (y.double() - yr.double()).abs()
+    bad = diff != 0
+    if bad.any():
+        c = float(clip.abs())
+        step = (2 * c if signed else c) / (2**bits - 1)
+        mag = torch.maximum(y.double().abs(), yr.double().abs())[bad]
+        tol = 4 * torch.finfo(y.dtype).eps * (mag + step)
+        assert torch.all((diff[bad] - step).abs() <= tol), "a standardized code is off by more than one level"
+    return int(bad.sum())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("perturb", PERTURB)
+def test_liq_standardize_forward(dtype, signed, perturb):
+    # statistics in fp64 here vs torch's fp32 mean: identical codes, except (rarely) one level
+    x, clip = _liq_inputs(dtype, signed, (64, 3, 3, 3), seed=4, noncontig=True)
+    x = x + 0.3  # a non-zero mean
+    e, s, before = _perturbation(perturb, x)
+    total = mismatched = 0
+    for bits in range(2, 9):
+        args = (clip, bits, signed, True, e, s, before)
+        y = C.liq_quantize(x, *args)
+        mismatched += _level_mismatches(y, R.liq_quantize(x, *args), clip, bits, signed)
+        total += y.numel()
+    assert mismatched <= max(2, total // 1000)
+
+
+@pytest.mark.parametrize("n", [2, 3, 17, 100003])
+def test_liq_standardize_statistics(n):
+    # a large offset: the two-pass (mean, then squared deviations) statistics stay accurate
+    x = _rand((n,), seed=n, scale=0.01) + 1000.0
+    clip = torch.tensor([2.0])
+    y = C.liq_quantize(x, clip, 4, True, True, None, None, False)
+    assert _level_mismatches(y, R.liq_quantize(x, clip, 4, True, True, None, None, False),
+                             clip, 4, True) <= max(1, n // 1000)
+
+
+def _liq_terms(grad, x, clip, bits, signed, standardize, e, s, before):
+    """Elementwise dclip terms g * (y/c - r * inside), the reference's fp32 ops, unsummed."""
+    xf = R._perturbed_input(x, e, s, before)
+    if standardize:
+        xf, _ = R._standardize(xf)
+    c = clip.float().abs().reshape(())
+    y, r = R._liq_forward_fp32(xf, c, bits, signed)
+    inside = (r >= (-1.0 if signed else 0.0)) & (r <= 1.0)
+    return grad.float() * (y / c - torch.where(inside, r, torch.zeros_like(r)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("perturb", PERTURB)
+@pytest.mark.parametrize("standardize", [False, True])
+def test_liq_backward(dtype, signed, perturb, standardize):
+    x, clip = _liq_inputs(dtype, signed, (41, 37, 11), noncontig=True)
+    e, s, before = _perturbation(perturb, x)
+    grad = _rand(x.shape, dtype, seed=9, scale=1.0)
+    for bits in (2, 4, 8):
+        args = (grad, x, clip, bits, signed, standardize, e, s, before)
+        dx, dclip = C.liq_quantize_backward(*args)
+        rdx, rdclip = R.liq_quantize_backward(*args)
+        assert dx.dtype == dtype and dclip.dtype == torch.float32 and dclip.shape == clip.shape
+        terms = _liq_terms(*args)
+        oracle = terms.double().sum() * torch.sign(clip.double())
+        scale = terms.double().abs().sum()
+        if not standardize:
+            assert torch.equal(dx, rdx)
+            _assert_within(dclip, rdclip, oracle, scale, f"dclip bits={bits}")
+            continue
+        # standardized: dx = g * inside / std, std possibly one ulp off; codes rarely one level off
+        fwd = (clip, bits, signed, True, e, s, before)
+        m = _level_mismatches(C.liq_quantize(x, *fwd), R.liq_quantize(x, *fwd), clip, bits, signed)
+        close = torch.isclose(dx.double(), rdx.double(), rtol=2 * torch.finfo(dtype).eps, atol=0)
+        assert int((~close).sum()) <= m
+        step = (2.0 if signed else 1.0) / (2**bits - 1)
+        slack = m * step * float(grad.float().abs().max())
+        err = float((dclip.double() - oracle).abs())
+        err_ref = float((rdclip.double() - oracle).abs())
+        assert err <= 2 * max(err_ref, EPS32 * float(scale)) + slack
+
+
+def test_liq_extremes_and_errors():
+    x = torch.tensor([0.0, -0.0, 1e30, -1e30, float("inf"), -float("inf"), float("nan"), 0.5])
+    for signed in (True, False):
+        args = (torch.tensor(1.0), 4, signed, False, None, None, False)
+        torch.testing.assert_close(C.liq_quantize(x, *args), R.liq_quantize(x, *args), rtol=0,
+                                   atol=0, equal_nan=True)
+    with pytest.raises(RuntimeError, match="saq_C::liq_quantize.*bits"):
+        C.liq_quantize(x, torch.tensor(1.0), 0, True, False, None, None, False)
+    with pytest.raises(RuntimeError, match="saq_C::liq_quantize.*'clip'"):
+        C.liq_quantize(x, torch.ones(2), 4, True, False, None, None, False)
+    with pytest.raises(RuntimeError, match="saq_C::liq_quantize.*float64"):
+        C.liq_quantize(x.double(), torch.tensor(1.0), 4, True, False, None, None, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# SAM ops
+# ----------------------------------------------------------------------------------------------
+_SAM_SHAPES = [(7,), (33, 17), (1,), (20000,), (5, 3, 3)]
+_SAM_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float32, torch.float32]
+
+
+def _tensors(seed, scale=1.0, dtypes=_SAM_DTYPES, noncontig_last=False):
+    out = []
+    for i, (shape, dt) in enumerate(zip(_SAM_SHAPES, dtypes)):
+        out.append(_rand(shape, dt, seed=seed * 31 + i, scale=scale,
+                         noncontig=noncontig_last and i == len(_SAM_SHAPES) - 1))
+    return out
+
+
+def test_grad_sq_norm():
+    grads, params = _tensors(1), _tensors(2, dtypes=_SAM_DTYPES)
+    grads[-1] = grads[-1].transpose(0, 2)  # non-contiguous
+    params[-1] = params[-1].transpose(0, 2)
+    for adaptive in ([False] * 5, [True, False, True, True, False], [True] * 5):
+        args = (grads, params, adaptive, 0.01)
+        norm, found = C.grad_sq_norm(*args)
+        rnorm, rfound = R.grad_sq_norm(*args)
+        assert norm.shape == () and norm.dtype == torch.float32 and float(found) == 0.0
+        terms = [(g.double() * (p.float().abs() + 0.01).double() if a else g.double()) ** 2
+                 for g, p, a in zip(grads, params, adaptive)]
+        oracle = sum(t.sum() for t in terms)
+        _assert_within(norm, rnorm, oracle, oracle, f"norm adaptive={adaptive}")
+    for bad in (float("inf"), float("nan")):
+        g2 = [g.clone() for g in grads]
+        g2[1].view(-1)[5] = bad
+        assert float(C.grad_sq_norm(g2, params, [False] * 5, 0.01)[1]) == 1.0
+    big = [torch.full((10,), 3e30)]  # finite terms whose fp32 sum overflows
+    assert float(C.grad_sq_norm(big, big, [False], 0.0)[1]) == 1.0
+    with pytest.raises(RuntimeError, match="saq_C::grad_sq_norm.*float64"):
+        C.grad_sq_norm([grads[0].double()], [params[0]], [False], 0.01)
+
+
+def test_grad_sq_norm_reproducible_across_threads():
+    grads = [_rand((100003,), seed=1), _rand((3, 40000), seed=2)]
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(C.grad_sq_norm(grads, grads, [True, False], 0.01)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+@pytest.mark.parametrize("noncontig", [False, True])
+def test_sam_perturb_and_restore_bitwise(noncontig):
+    params = _tensors(1, noncontig_last=noncontig)
+    grads = _tensors(2, scale=0.5)
+    adaptive = [True, False, True, True, False]
+    scale = torch.tensor(0.0371)
+    ours = [p.clone() for p in params]
+    ref = [p.clone() for p in params]
+    assert noncontig != ours[-1].is_contiguous()
+    backups = [torch.full_like(p, float("nan")) for p in params]  # poisoned
+    rbackups = [torch.empty_like(p) for p in params]
+    C.sam_perturb_(ours, grads, backups, scale, adaptive)
+    R.sam_perturb_(ref, grads, rbackups, scale, adaptive)
+    for a, b, bk, p in zip(ours, ref, backups, params):
+        assert _bits_equal(a, b) and _bits_equal(bk, p.contiguous())
+    ours[0].view(-1)[0] = float("nan")  # restore is a byte copy, whatever the values
+    C.sam_restore_(ours, backups)
+    for a, p in zip(ours, params):
+        assert _bits_equal(a, p.contiguous())
+
+
+def _sgd_states(momentum, seed=0):
+    params = _tensors(seed + 1)
+    backups = _tensors(seed + 2)
+    grads = _tensors(seed + 3, scale=0.1)
+    bufs = _tensors(seed + 4, scale=0.1) if momentum else [g.clone() for g in grads]
+    return params, backups, grads, bufs
+
+
+def _clone(ts, dtype=None):
+    return [t.clone() if dtype is None else t.to(dtype) for t in ts]
+
+
+@pytest.mark.parametrize(
+    "momentum,dampening,wd,nesterov,first",
+    [(0.0, 0.0, 0.0, False, False), (0.9, 0.0, 1e-4, False, True), (0.9, 0.1, 5e-4, False, False),
+     (0.9, 0.0, 5e-4, True, False), (0.5, 0.0, 0.0, True, True)],
+)
+@pytest.mark.parametrize("n_backups", [5, 3])  # 3: only the perturbed prefix is restored
+def test_sam_restore_sgd(momentum, dampening, wd, nesterov, first, n_backups):
+    params, backups, grads, bufs = _sgd_states(momentum)
+    backups = backups[:n_backups]
+    lr = torch.tensor(0.05)
+    cfg = (lr, momentum, dampening, wd, nesterov, first)
+    ours_p, ours_b = _clone(params), _clone(bufs)
+    ref_p, ref_b = _clone(params), _clone(bufs)
+    o64_p, o64_b = _clone(params, torch.float64), _clone(bufs, torch.float64)
+    C.sam_restore_sgd_(ours_p, backups, grads, ours_b, *cfg, None)
+    R.sam_restore_sgd_(ref_p, backups, grads, ref_b, *cfg, None)
+    R.sam_restore_sgd_(o64_p, _clone(backups, torch.float64), _clone(grads, torch.float64), o64_b,
+                       lr.double(), momentum, dampening, wd, nesterov, first, None)
+    for i in range(len(params)):
+        _assert_within(ours_p[i], ref_p[i], o64_p[i], what=f"param {i}")
+        if momentum:
+            _assert_within(ours_b[i], ref_b[i], o64_b[i], what=f"buffer {i}")
+        else:
+            assert torch.equal(ours_b[i], bufs[i])  # untouched
+    # found_inf: restore only, buffers untouched; 0 steps normally
+    for flag in (torch.tensor(1.0), torch.tensor(float("nan"))):
+        p2, b2 = _clone(params), _clone(bufs)
+        C.sam_restore_sgd_(p2, backups, grads, b2, *cfg, flag)
+        assert all(_bits_equal(a, b) for a, b in zip(p2, backups + params[n_backups:]))
+        assert all(_bits_equal(a, b) for a, b in zip(b2, bufs))
+    p3, b3 = _clone(params), _clone(bufs)
+    C.sam_restore_sgd_(p3, backups, grads, b3, *cfg, torch.tensor(0.0))
+    assert all(torch.equal(a, b) for a, b in zip(p3, ours_p))
+
+
+@pytest.mark.parametrize("step0,wd,n_backups", [(0.0, 1e-2, 5), (7.0, 0.0, 5), (3.0, 1e-2, 2)])
+def test_sam_restore_adamw(step0, wd, n_backups):
+    params, backups, grads = _tensors(1), _tensors(2)[:n_backups], _tensors(3, scale=0.1)
+    m0 = _tensors(4, scale=0.01)
+    v0 = [t.abs() for t in _tensors(5, scale=1e-3)]
+    lr = torch.tensor(1e-3)
+    hp = (0.9, 0.999, 1e-8, wd)
+
+    def run(fn, dtype=None):
+        p, m, v = _clone(params, dtype), _clone(m0, dtype), _clone(v0, dtype)
+        steps = [torch.tensor(step0) for _ in params]
+        fn(p, _clone(backups, dtype), _clone(grads, dtype), m, v, steps,
+           lr if dtype is None else lr.to(dtype), *hp, None)
+        return p, m, v, steps
+
+    ours, ref, o64 = run(C.sam_restore_adamw_), run(R.sam_restore_adamw_), run(R.sam_restore_adamw_, torch.float64)
+    for i in range(len(params)):
+        for k, name in enumerate(("param", "exp_avg", "exp_avg_sq")):
+            _assert_within(ours[k][i], ref[k][i], o64[k][i], what=f"{name} {i}")
+        assert float(ours[3][i]) == step0 + 1 and ours[3][i].dtype == torch.float32
+    # found_inf: restore only, no state change, steps not incremented
+    p, m, v = _clone(params), _clone(m0), _clone(v0)
+    steps = [torch.tensor(step0) for _ in params]
+    C.sam_restore_adamw_(p, backups, grads, m, v, steps, lr, *hp, torch.tensor(1.0))
+    assert all(_bits_equal(a, b) for a, b in zip(p, backups + params[n_backups:]))
+    assert all(_bits_equal(a, b) for a, b in zip(m, m0)) and all(_bits_equal(a, b) for a, b in zip(v, v0))
+    assert all(float(s) == step0 for s in steps)
+
+
+def test_sam_ops_through_the_public_api():
+    params, backups = _tensors(1), [torch.empty_like(t) for t in _tensors(1)]
+    grads = _tensors(2)
+    ref = _clone(params)
+    with sk.use_backend("cpp"):
+        sk.sam_perturb_(params, grads, backups, torch.tensor(0.01))
+        sk.sam_restore_(params, backups)
+    assert all(_bits_equal(a, b) for a, b in zip(params, ref))
+
+
+# ----------------------------------------------------------------------------------------------
+# opcheck: schemas, fakes, mutation annotations, dispatch
+# ----------------------------------------------------------------------------------------------
+def _opcheck_cases():
+    x = _rand((4, 6))
+    e = _rand((4, 6), seed=2)
+    g = _rand((4, 6), seed=3)
+    s, z = torch.tensor([0.1]), torch.tensor([1.0])
+    sc, zc = torch.rand(6) + 0.05, torch.zeros(6)
+    clip = torch.tensor([1.5])
+    ps = [_rand((5,), seed=4), _rand((2, 3), seed=5).half()]
+    gs = [_rand((5,), seed=6), _rand((2, 3), seed=7).half()]
+    bk = [torch.empty_like(p) for p in ps]
+    ms = [torch.zeros_like(p) for p in ps]
+    vs = [torch.zeros_like(p) for p in ps]
+    steps = [torch.tensor(0.0) for _ in ps]
+    lr = torch.tensor(0.01)
+    return [
+        (C.fake_quantize.default, (x, s, z, 0, 15, None, 1.0, e, torch.tensor(0.1), True)),
+        (C.fake_quantize.default, (x, sc, zc, -8, 7, -1, 1.0, None, None, False)),
+        (C.fake_quantize_backward.default, (g, x, sc, zc, -8, 7, 1, 0.5, None, None, False)),
+        (C.liq_quantize.default, (x, clip, 4, True, True, e, torch.tensor(0.1), False)),
+        (C.liq_quantize_backward.default, (g, x, clip, 4, False, False, None, None, False)),
+        (C.grad_sq_norm.default, (gs, ps, [True, False], 0.01)),
+        (C.sam_perturb_.default, (ps, gs, bk, torch.tensor(0.05), [False, True])),
+        (C.sam_restore_.default, (ps, bk)),
+        (C.sam_restore_sgd_.default, (ps, bk[:1], gs, ms, lr, 0.9, 0.0, 1e-4, True, False, None)),
+        (C.sam_restore_adamw_.default, (ps, bk, gs, ms, vs, steps, lr, 0.9, 0.999, 1e-8, 0.01,
+                                        torch.tensor(0.0))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
