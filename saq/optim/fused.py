@@ -69,6 +69,9 @@ class FusedStep:
         orphans = [p for p in perturbed if p.grad is None]
         if orphans:
             sk.sam_restore_(orphans, [backups[p] for p in orphans])
+        # What torch's LR schedulers look for after optimizer.step() (their step wrapper sets it);
+        # step hooks registered on the base optimizer do not run here: use SAQ(fused=False).
+        self.base._opt_called = True
 
     def _sgd(self, group, params, backups, lr, found_inf) -> None:
         momentum = group["momentum"]

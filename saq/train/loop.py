@@ -1,0 +1,530 @@
+"""The training and evaluation loop behind ``saq train`` and ``saq eval``.
+
+One SAQ / SAM step (method "saq" or "sam"):
+    pass 1  forward, loss, backward (inside ``ddp.no_sync()`` under DDP), opt.ascent_step()
+    pass 2  forward at the perturbed point, backward (all-reduced under DDP), opt.descent_step()
+The logged training loss and accuracy are pass 1's (the unperturbed model). Method "qat" is one
+forward/backward and a plain optimizer step.
+
+Mixed precision (--amp): bf16 is autocast only. fp16 adds a torch.amp.GradScaler: both passes
+backpropagate the scaled loss; SAQ.ascent_step(grad_scaler) unscales pass 1's gradients before
+the norm (an inf/NaN there turns the whole step into a skip) and SAQ.descent_step(grad_scaler)
+unscales pass 2's, skips or steps exactly as GradScaler.step does, and calls scaler.update().
+QAT uses the usual scaler.step / scaler.update. Skipped steps are counted per epoch.
+
+--ascent-every k (our efficient mode, SAQ's ``ascent_every``): a full two-pass step every k steps,
+and in between one pass at the last perturbation; the logged loss of those steps is the loss at
+the perturbed point.
+
+Exact resume: the data order and augmentation are pure functions of (seed, epoch, batch), the
+checkpoint holds model, optimizer (with SAQ's state), LR schedule, GradScaler and every RNG state,
+plus the epoch and batch to continue from, so 2 epochs straight and 1 + resume + 1 give
+bitwise-identical weights on the same machine (with --ascent-every 1: the efficient mode
+restarts with a full ascent after a resume). The LR schedule is per step over
+``epochs * steps_per_epoch`` and does not depend on --max-steps, so a run cut short by
+--max-steps resumes onto the same schedule.
+"""
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import checkpoint as ckpt_mod
+from . import distributed as dist_mod
+from .config import (STRUCTURAL_FIELDS, ConfigError, TrainConfig, apply_overrides,
+                     default_run_name, resolve)
+from .metrics import MetricsLogger, format_summary, summarize, topk_correct, write_json
+from .plots import plot_curves
+
+__all__ = ["build_config", "build_model", "param_groups", "build_optimizer", "build_scheduler",
+           "evaluate", "train", "evaluate_checkpoint", "CLIP_SUFFIXES"]
+
+CLIP_SUFFIXES = ("clip_value", "_scale", "_zero_point")
+# Options of one invocation, reset to their defaults (not taken from the checkpoint) on resume.
+RUN_LOCAL_FIELDS = ("max_steps", "progress", "log_every", "device", "workers", "compile")
+
+
+# ----------------------------------------------------------------------------- configuration
+def build_config(explicit: Dict[str, Any]) -> TrainConfig:
+    """The run's TrainConfig from the options given explicitly (flag name -> value).
+
+    Fresh run: defaults < dataset defaults < preset < explicit; out defaults to
+    runs/<dataset>-<model>-<method>-w<wb>a<ab>-<timestamp>.
+    Resume (--resume PATH, or --resume auto with an existing <out>/last.pt): the checkpoint's
+    config, with explicit options on top (RUN_LOCAL_FIELDS such as --max-steps are not
+    inherited); changing an option that fixes the model or optimizer
+    layout (STRUCTURAL_FIELDS) raises ConfigError. ``out`` defaults to the checkpoint's folder.
+    --resume auto without a last.pt starts a fresh run in --out.
+    """
+    explicit = dict(explicit)
+    resume, out = explicit.get("resume"), explicit.get("out")
+    path = None
+    if resume == "auto":
+        if not out:
+            raise ConfigError("--resume auto needs --out DIR (it resumes DIR/last.pt when present)")
+        cand = os.path.join(out, "last.pt")
+        path = cand if os.path.isfile(cand) else None
+    elif resume:
+        if not os.path.isfile(resume):
+            raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint file")
+        path = resume
+    if path is None:
+        explicit.pop("resume", None)
+        cfg = resolve(apply_overrides(TrainConfig(), explicit), explicit)
+        if cfg.out is None:
+            cfg = dataclasses.replace(cfg, out=default_run_name(cfg))
+        return cfg
+    saved = TrainConfig.from_dict(ckpt_mod.load_checkpoint(path)["config"])
+    changed = [k for k in STRUCTURAL_FIELDS if k in explicit and explicit[k] != getattr(saved, k)]
+    if changed:
+        raise ConfigError(
+            f"--resume {path!r}: the checkpoint was trained with "
+            + ", ".join(f"{k}={getattr(saved, k)!r}" for k in changed)
+            + f" but this command asks for "
+            + ", ".join(f"{k}={explicit[k]!r}" for k in changed)
+            + "; drop those flags or start a new run without --resume")
+    # Per-invocation options are not inherited: a run cut by --max-steps must not stop again.
+    local = {k: getattr(TrainConfig(), k) for k in RUN_LOCAL_FIELDS}
+    over = {k: v for k, v in explicit.items() if k not in ("resume", "preset")}
+    cfg = apply_overrides(saved, {**local, **over})
+    cfg = dataclasses.replace(cfg, resume=path, out=out or os.path.dirname(os.path.abspath(path)))
+    # The preset was applied when the run started; do not let it override saved values now.
+    return dataclasses.replace(resolve(dataclasses.replace(cfg, preset=None)), preset=saved.preset)
+
+
+# ----------------------------------------------------------------------------- model / optim
+def _load_pretrained(model: nn.Module, path: str) -> None:
+    """Load a full-precision state_dict (raw, under "state_dict"/"model", or a saq checkpoint of a
+    float run) into the float model, stripping DDP/compile prefixes. Strict, clear errors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--pretrained {path!r}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise ckpt_mod.CheckpointError(f"--pretrained {path!r} cannot be read as a weights-only "
+                                       f"torch file: {str(e).splitlines()[0]}") from e
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ckpt_mod.CheckpointError(f"--pretrained {path!r} holds no state_dict of tensors")
+    state = {}
+    for k, v in obj.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        state[k] = v
+    ckpt_mod.load_model_state(model, state, path)
+
+
+def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
+    """get_model + optional --pretrained (into the float model) + quantize_model (unless W32A32).
+    Float32, CPU, train mode."""
+    import saq
+    from saq.models import get_model
+
+    model = get_model(cfg.model, num_classes, in_chans=in_chans)
+    if cfg.pretrained:
+        _load_pretrained(model, cfg.pretrained)
+    if not (cfg.wbits == 32 and cfg.abits == 32):
+        saq.quantize_model(model, weight_bits=cfg.wbits, act_bits=cfg.abits,
+                           quantizer=cfg.quantizer, per_channel=cfg.per_channel,
+                           first_last_bits=cfg.first_last_bits)
+    return model
+
+
+def param_groups(model: nn.Module, lr: float, clip_lr: float, weight_decay: float) -> List[dict]:
+    """Two groups as the reference recipe: quantizer clip/scale/zero-point parameters (names
+    ending in CLIP_SUFFIXES) at clip_lr, everything else at lr; weight decay on all."""
+    clips, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (clips if name.endswith(CLIP_SUFFIXES) else rest).append(p)
+    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "weights"}]
+    if clips:
+        groups.append({"params": clips, "lr": clip_lr, "weight_decay": weight_decay,
+                       "name": "clips"})
+    return groups
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module):
+    """(optimizer used for stepping, base torch optimizer). qat: the base optimizer itself;
+    sam: SAQ(case=2) on a quantized model, plain SAM on a float one; saq: SAQ(case=cfg.case)."""
+    import saq
+
+    groups = param_groups(model, cfg.lr, cfg.clip_lr, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        base = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    else:
+        base = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.method == "qat":
+        return base, base
+    case = 2 if cfg.method == "sam" else cfg.case
+    return saq.SAQ(model, base, rho=cfg.rho, case=case, adaptive=cfg.adaptive, eta=cfg.eta,
+                   ascent_every=cfg.ascent_every, sync_ascent=cfg.sync_ascent), base
+
+
+def build_scheduler(cfg: TrainConfig, base: torch.optim.Optimizer, steps_per_epoch: int):
+    """Per-step LambdaLR: optional linear warmup, then cosine to 0 over epochs * steps_per_epoch
+    or step decay (x gamma at each milestone epoch)."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    bounds = [m * steps_per_epoch for m in (cfg.milestones or ())]
+
+    def factor(step: int) -> float:
+        f = min(1.0, (step + 1) / warm) if warm > 0 and step < warm else 1.0
+        if cfg.scheduler == "cosine":
+            return f * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        return f * cfg.gamma ** sum(step >= b for b in bounds)
+
+    return torch.optim.lr_scheduler.LambdaLR(base, factor)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none") -> Dict[str, float]:
+    """Test loss, top-1 and top-5 (%) of ``model`` over ``loader``, summed over ranks when a
+    process group is active. Puts the model in eval mode and back to its previous mode."""
+    was = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            out = model(x)
+        out = out.float()
+        c1, c5 = topk_correct(out, y)
+        sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(), c1.double(),
+                             c5.double(), torch.tensor(float(y.numel()), dtype=torch.float64,
+                                                       device=device)])
+    dist_mod.all_reduce_sum(sums)
+    model.train(was)
+    loss, c1, c5, n = sums.tolist()
+    n = max(n, 1.0)
+    return {"test_loss": loss / n, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n,
+            "samples": int(n)}
+
+
+# ----------------------------------------------------------------------------- training
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _progress_enabled(cfg: TrainConfig, env: dist_mod.DistEnv) -> bool:
+    return bool(cfg.progress and env.is_main and sys.stderr.isatty())
+
+
+class _Stepper:
+    """Runs one optimizer step of the configured method on a batch and returns the pass-1 logits
+    and loss (detached). No host sync per step, except QAT under fp16, which compares the
+    GradScaler's scale to count skipped steps."""
+
+    def __init__(self, cfg, model_fwd, ddp, opt, base, scaler, device):
+        self.cfg, self.fwd, self.ddp, self.opt, self.base = cfg, model_fwd, ddp, opt, base
+        self.device = device
+        self.sharp = cfg.method in ("sam", "saq")
+        self.scaler = scaler if cfg.amp == "fp16" else None
+        self.qat_skipped = 0
+
+    def _loss(self, x, y):
+        with _autocast(self.device, self.cfg.amp):
+            out = self.fwd(x)
+        return out, F.cross_entropy(out.float(), y)
+
+    def _backward(self, loss) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def skipped(self) -> int:
+        """Steps skipped so far for non-finite gradients (syncs)."""
+        return self.opt.skipped_steps if self.sharp else self.qat_skipped
+
+    def step(self, x, y):
+        opt, scaler = self.opt, self.scaler
+        if not self.sharp:
+            out, loss = self._loss(x, y)
+            self._backward(loss)
+            if scaler is not None:
+                before = scaler.get_scale()
+                scaler.step(opt)
+                scaler.update()
+                self.qat_skipped += int(scaler.get_scale() < before)
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            return out.detach(), loss.detach()
+        if not opt.needs_ascent():  # --ascent-every k: reuse the last perturbation, one pass
+            opt.reuse_perturbation()
+            out, loss = self._loss(x, y)
+            self._backward(loss)
+            opt.descent_step(grad_scaler=scaler)
+            return out.detach(), loss.detach()
+        # pass 1 (ascent): under DDP no gradient all-reduce (the reference code's choice) unless
+        # --sync-ascent; SAQ unscales (fp16) before the norm.
+        local = self.ddp is not None and not self.cfg.sync_ascent
+        out, loss = self._loss(x, y)
+        with self.ddp.no_sync() if local else contextlib.nullcontext():
+            self._backward(loss)
+        opt.ascent_step(grad_scaler=scaler)
+        # pass 2 (descent) at the perturbed point, all-reduced under DDP
+        _, loss2 = self._loss(x, y)
+        self._backward(loss2)
+        opt.descent_step(grad_scaler=scaler)  # restore, unscale, skip-or-step, scaler.update()
+        return out.detach(), loss.detach()
+
+
+@torch.no_grad()
+def _init_quantizers_once(model, loader, set_epoch, epoch, device, amp) -> None:
+    """Run the quantizers' first-batch initialization before DDP wrapping.
+
+    The data-driven clip/scale init (e.g. LIQ's 0.8 * max|input| for linear layers) would
+    otherwise use each rank's own first batch and leave the replicas with different clip values
+    forever (DDP syncs gradients, not parameters). Done here on this rank's first batch, then
+    DistributedDataParallel's constructor broadcasts rank 0's values. BatchNorm running statistics
+    touched by this extra forward are put back.
+    """
+    if all(getattr(m, "quant_initialized", True) for m in model.modules()):
+        return
+    bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v.clone() for k, v in m._buffers.items() if v is not None} for m in bn]
+    set_epoch(loader, epoch)
+    x, _ = next(iter(loader))
+    model.train()
+    with _autocast(device, amp):
+        model(x.to(device))
+    for m, buf in zip(bn, saved):
+        for k, v in buf.items():
+            m._buffers[k].copy_(v)
+
+
+def _save(cfg, env, model, opt, sched, scaler, epoch, batch, step, best, elapsed, is_best):
+    if not env.is_main:
+        return
+    ck = ckpt_mod.make_checkpoint(
+        model_state=dist_mod.unwrap(model).state_dict(), optimizer_state=opt.state_dict(),
+        scheduler_state=sched.state_dict(), scaler_state=scaler.state_dict(),
+        config=cfg.to_dict(), epoch=epoch, batch=batch, global_step=step, best=best,
+        extra={"elapsed": elapsed})
+    last = os.path.join(cfg.out, "last.pt")
+    ckpt_mod.atomic_save(ck, last)
+    if is_best:
+        tmp = os.path.join(cfg.out, ".best.pt.tmp")
+        shutil.copyfile(last, tmp)
+        os.replace(tmp, os.path.join(cfg.out, "best.pt"))
+
+
+def _load_state(what: str, obj, state, path: str) -> None:
+    try:
+        obj.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise ckpt_mod.CheckpointError(f"checkpoint {path!r}: its {what} state does not fit this "
+                                       f"run: {str(e).splitlines()[0]}") from e
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Run (or resume, when cfg.resume names a checkpoint) a training run; returns the summary.
+
+    Writes into cfg.out (rank 0 only): metrics.jsonl, metrics.csv, summary.json, loss.png,
+    accuracy.png, last.pt (every epoch and at --max-steps) and best.pt (best test top-1).
+    Raises FileNotFoundError for missing data, ConfigError / CheckpointError (ValueErrors) for a
+    bad configuration or checkpoint.
+    """
+    from saq.data import make_loaders, set_epoch
+
+    t_start = time.perf_counter()
+    env = dist_mod.detect()
+    device = dist_mod.resolve_device(cfg.device, env)
+    dist_mod.setup(device, env)
+    try:
+        return _train(cfg, env, device, make_loaders, set_epoch, t_start)
+    finally:
+        dist_mod.cleanup()
+
+
+def _train(cfg, env, device, make_loaders, set_epoch, t_start):
+    log = lambda *a: dist_mod.print0(*a, env=env)  # noqa: E731
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    if cfg.batch_size % env.world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is the total over {env.world_size} "
+                          f"processes and must be divisible by it")
+    _seed_everything(cfg.seed)
+    train_loader, test_loader, info = make_loaders(
+        cfg.dataset, cfg.data_root, batch_size=cfg.batch_size // env.world_size, seed=cfg.seed,
+        num_workers=cfg.workers, distributed=env.distributed,
+        pin_memory=device.type == "cuda")
+    ck = ckpt_mod.load_checkpoint(cfg.resume) if cfg.resume else None
+    # resuming: the checkpoint replaces the weights, so --pretrained is not read again
+    model = build_model(cfg if ck is None else dataclasses.replace(cfg, pretrained=None),
+                        info["num_classes"], info["input_shape"][0])
+    if ck is not None:
+        ckpt_mod.load_model_state(model, ck["model"], cfg.resume)
+    model.to(device)
+    opt, base = build_optimizer(cfg, model)
+    spe = train_loader.sampler.num_batches  # full epoch (len() counts from start_batch)
+    sched = build_scheduler(cfg, base, spe)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    start_epoch, start_batch, step, best, elapsed0 = 0, 0, 0, {}, 0.0
+    if ck is not None:
+        _load_state("optimizer", opt, ck["optimizer"], cfg.resume)
+        _load_state("scheduler", sched, ck["scheduler"], cfg.resume)
+        if ck.get("scaler"):
+            _load_state("GradScaler", scaler, ck["scaler"], cfg.resume)
+        ckpt_mod.restore_rng_state(ck["rng"])
+        start_epoch, start_batch, step = ck["epoch"], ck["batch"], ck["global_step"]
+        best, elapsed0 = dict(ck.get("best") or {}), float(ck.get("extra", {}).get("elapsed", 0))
+        log(f"resumed from {cfg.resume}: epoch {start_epoch + 1}, batch {start_batch}, "
+            f"step {step}")
+    if env.distributed:
+        _init_quantizers_once(model, train_loader, set_epoch, start_epoch, device, cfg.amp)
+    ddp = dist_mod.wrap_ddp(model, device, env)  # broadcasts rank 0's parameters and buffers
+    fwd = torch.compile(ddp) if cfg.compile else ddp
+    stepper = _Stepper(cfg, fwd, ddp if env.distributed else None, opt, base, scaler, device)
+
+    if env.is_main:
+        os.makedirs(cfg.out, exist_ok=True)
+        write_json(cfg.to_dict(), os.path.join(cfg.out, "config.json"))
+    metrics = MetricsLogger(cfg.out, enabled=env.is_main)
+    metrics.truncate(start_epoch + 1)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"saq train: {cfg.dataset} ({info['train_size']} train / {info['test_size']} test), "
+        f"{cfg.model} {n_params / 1e6:.3f} M params, {cfg.method}"
+        f"{f' case {cfg.case}' if cfg.method == 'saq' else ''} w{cfg.wbits}a{cfg.abits} "
+        f"{cfg.quantizer}, rho {cfg.rho}, {cfg.optimizer} lr {cfg.lr} ({cfg.scheduler}), "
+        f"batch {cfg.batch_size}, {cfg.epochs} epochs x {spe} steps, device {device}"
+        f"{f' x {env.world_size} ranks' if env.distributed else ''} -> {cfg.out}")
+    show = _progress_enabled(cfg, env)
+    stopped = False
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break
+        t0 = time.perf_counter()
+        b0 = start_batch if epoch == start_epoch else 0
+        set_epoch(train_loader, epoch, start_batch=b0)
+        model.train()
+        stats = torch.zeros(2, dtype=torch.float64, device=device)  # pass-1 loss sum, correct
+        skipped0, steps_done, batch, seen = stepper.skipped(), 0, b0, 0
+        bar = tqdm(total=spe, initial=b0, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not show, leave=False, dynamic_ncols=True)
+        for x, y in train_loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            out, loss = stepper.step(x, y)
+            sched.step()
+            step += 1
+            batch += 1
+            steps_done += 1
+            seen += y.numel()
+            stats += torch.stack([loss.double() * y.numel(),
+                                  topk_correct(out.float(), y, (1,))[0].double()])
+            bar.update(1)
+            if cfg.log_every and step % cfg.log_every == 0 and env.is_main:
+                if show:
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                else:
+                    log(f"  step {step}: pass-1 loss {loss.item():.4f}")
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                stopped = True
+                break
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_time = time.perf_counter() - t0
+        dist_mod.broadcast_buffers(model)
+        ev = evaluate(model, test_loader, device, cfg.amp)
+        totals = torch.cat([stats, torch.tensor([float(seen)], dtype=torch.float64,
+                                                device=device)])
+        loss_sum, correct, seen = dist_mod.all_reduce_sum(totals).tolist()  # all ranks
+        epoch_time = time.perf_counter() - t0
+        row = {
+            "epoch": epoch + 1, "steps": steps_done,
+            "train_loss": loss_sum / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1),
+            "test_loss": ev["test_loss"], "top1": ev["top1"], "top5": ev["top5"],
+            "lr": base.param_groups[0]["lr"], "epoch_time": epoch_time,
+            "time_per_step": train_time / max(steps_done, 1),
+            "images_per_s": seen / max(train_time, 1e-9),
+            "skipped_steps": stepper.skipped() - skipped0,
+        }
+        metrics.log(row)
+        is_best = not best or row["top1"] > best.get("top1", -1.0)
+        if is_best:
+            best = {"top1": row["top1"], "top5": row["top5"], "epoch": row["epoch"]}
+        log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.2f}% | test loss {row['test_loss']:.4f} "
+            f"top-1 {row['top1']:.2f}% top-5 {row['top5']:.2f}% | lr {row['lr']:.3g} | "
+            f"{row['time_per_step'] * 1e3:.1f} ms/step {row['images_per_s']:.0f} img/s "
+            f"{epoch_time:.1f} s")
+        done_epoch = batch >= spe
+        elapsed = elapsed0 + time.perf_counter() - t_start
+        _save(cfg, env, model, opt, sched, scaler, epoch + 1 if done_epoch else epoch,
+              0 if done_epoch else batch, step, best, elapsed, is_best)
+        if stopped:
+            log(f"stopped at --max-steps {cfg.max_steps} (step {step})")
+            break
+    total = elapsed0 + time.perf_counter() - t_start
+    summary = {}
+    if env.is_main:
+        rows = metrics.rows()
+        summary = summarize(rows, total, extra={
+            "run": cfg.out, "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method,
+            "wbits": cfg.wbits, "abits": cfg.abits, "quantizer": cfg.quantizer, "rho": cfg.rho,
+            "params": n_params, "device": str(device), "world_size": env.world_size,
+            "torch": torch.__version__, "saq": ckpt_mod.saq_version(),
+            "resumed_from": cfg.resume, "steps": step})
+        write_json(summary, os.path.join(cfg.out, "summary.json"))
+        if rows:
+            plot_curves(rows, cfg.out, title=os.path.basename(os.path.normpath(cfg.out)))
+        log(format_summary(summary))
+        log(f"run folder: {cfg.out}")
+    return summary
+
+
+# ----------------------------------------------------------------------------- saq eval
+def evaluate_checkpoint(path: str, dataset: Optional[str] = None, data_root: Optional[str] = None,
+                        batch_size: Optional[int] = None, device: str = "auto",
+                        workers: int = 0, amp: Optional[str] = None) -> Dict[str, Any]:
+    """Rebuild the model from a checkpoint's config, load its weights and evaluate it on the
+    test split (dataset/data_root/batch_size default to the checkpoint's). Returns test_loss,
+    top1, top5 (%), samples, epoch."""
+    from saq.data import make_loaders
+
+    ck = ckpt_mod.load_checkpoint(path)
+    cfg = TrainConfig.from_dict(ck["config"])
+    over = {k: v for k, v in dict(dataset=dataset, data_root=data_root, batch_size=batch_size,
+                                  amp=amp).items() if v is not None}
+    cfg = apply_overrides(cfg, over)
+    cfg = dataclasses.replace(cfg, pretrained=None)
+    env = dist_mod.DistEnv()
+    dev = dist_mod.resolve_device(device, env)
+    _, test_loader, info = make_loaders(cfg.dataset, cfg.data_root, batch_size=cfg.batch_size,
+                                        seed=cfg.seed, num_workers=workers)
+    model = build_model(cfg, info["num_classes"], info["input_shape"][0])
+    ckpt_mod.load_model_state(model, ck["model"], path)
+    model.to(dev)
+    res = evaluate(model, test_loader, dev, cfg.amp)
+    res.update(epoch=ck["epoch"], global_step=ck["global_step"], dataset=cfg.dataset,
+               model=cfg.model)
+    return res

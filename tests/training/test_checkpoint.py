@@ -1,0 +1,168 @@
+"""Atomic checkpoint writes, exact resume and clear errors for bad checkpoints (CPU, digits)."""
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from saq.cli import main
+from saq.train.checkpoint import (FORMAT_VERSION, CheckpointError, atomic_save,
+                                  capture_rng_state, load_checkpoint, restore_rng_state)
+from saq.train.loop import evaluate_checkpoint
+
+# batch 512 -> 3 steps per digits epoch (1437 training images)
+TINY = ["--batch-size", "512", "--no-progress", "--log-every", "0"]
+STEPS_PER_EPOCH = 3
+
+
+def _train(out, *extra):
+    assert main(["train", "--out", str(out), *TINY, *extra]) == 0
+    return load_checkpoint(os.path.join(out, "last.pt"))
+
+
+def _assert_bitwise_equal(a, b, what):
+    assert a.keys() == b.keys(), what
+    for k in a:
+        if torch.is_tensor(a[k]):
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{what}: {k}"
+        elif isinstance(a[k], dict):
+            _assert_bitwise_equal(a[k], b[k], f"{what}.{k}")
+        else:
+            assert a[k] == b[k], f"{what}: {k}"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ck") / "run"
+    _train(out, "--max-steps", "2", "--epochs", "1")
+    return os.path.join(out, "last.pt")
+
+
+def test_atomic_save_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "x.pt"
+    atomic_save({"a": torch.arange(3)}, path)
+    atomic_save({"a": torch.arange(4)}, path)
+    assert os.listdir(tmp_path) == ["x.pt"]
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.arange(4))
+
+
+def test_failing_save_keeps_the_old_file(tmp_path):
+    path = tmp_path / "x.pt"
+    atomic_save({"a": torch.ones(2)}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        atomic_save({"a": torch.zeros(2), "bad": lambda: None}, path)  # lambdas do not pickle
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["x.pt"]
+
+
+def test_rng_state_roundtrip():
+    state = capture_rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    restore_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_checkpoint_contents(tiny_ckpt):
+    ck = load_checkpoint(tiny_ckpt)
+    assert ck["format"] == "saq-checkpoint" and ck["format_version"] == FORMAT_VERSION
+    assert ck["epoch"] == 0 and ck["batch"] == 2 and ck["global_step"] == 2
+    assert set(ck["optimizer"]) == {"base", "saq"}  # SAQ's state incl. the base optimizer's
+    assert ck["scheduler"]["last_epoch"] == 2
+    assert {"python", "numpy", "torch", "cuda"} <= set(ck["rng"])
+    assert ck["config"]["method"] == "saq" and "saq_version" in ck
+    assert any(k.endswith("activation_clip_value") for k in ck["model"])
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_exact(tmp_path):
+    """2 epochs straight == 1 epoch + 1 batch, resume, rest; and == 1 epoch, resume, 1."""
+    common = ["--epochs", "2", "--method", "saq"]
+    straight = _train(tmp_path / "straight", *common)
+    # cut mid-epoch (epoch 2, batch 1) and at the epoch boundary
+    for name, cut in (("mid", STEPS_PER_EPOCH + 1), ("edge", STEPS_PER_EPOCH)):
+        out = tmp_path / name
+        part = _train(out, *common, "--max-steps", str(cut))
+        assert part["global_step"] == cut
+        resumed = _train(out, *common, "--resume", "auto")
+        assert resumed["global_step"] == straight["global_step"] == 2 * STEPS_PER_EPOCH
+        _assert_bitwise_equal(straight["model"], resumed["model"], "model")
+        _assert_bitwise_equal(straight["optimizer"]["base"]["state"],
+                              resumed["optimizer"]["base"]["state"], "optimizer")
+        assert straight["optimizer"]["saq"] == resumed["optimizer"]["saq"]
+        assert straight["scheduler"] == resumed["scheduler"]
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in rows] == [1, 2]  # the cut epoch's partial row was replaced
+        straight_rows = [json.loads(x) for x in
+                         (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["top1"] == straight_rows[-1]["top1"]
+        assert rows[-1]["test_loss"] == straight_rows[-1]["test_loss"]
+
+
+def test_resume_exact_smoke(tmp_path):
+    """Fast version: 3 steps straight vs 1 + resume + 2 (inside the first epoch)."""
+    common = ["--epochs", "1"]
+    straight = _train(tmp_path / "a", *common, "--max-steps", "3")
+    _train(tmp_path / "b", *common, "--max-steps", "1")
+    resumed = _train(tmp_path / "b", *common, "--max-steps", "3", "--resume", "auto")
+    _assert_bitwise_equal(straight["model"], resumed["model"], "model")
+    _assert_bitwise_equal(straight["optimizer"]["base"]["state"],
+                          resumed["optimizer"]["base"]["state"], "optimizer")
+
+
+def test_garbage_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"this is not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match=str(bad).replace("\\", "\\\\")):
+        load_checkpoint(bad)
+
+
+def test_truncated_checkpoint_is_a_clear_error(tiny_ckpt, tmp_path):
+    data = open(tiny_ckpt, "rb").read()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.pt"):
+        load_checkpoint(cut)
+
+
+def test_not_a_saq_checkpoint(tmp_path):
+    p = tmp_path / "plain.pt"
+    torch.save({"weight": torch.ones(2)}, p)
+    with pytest.raises(CheckpointError, match="not a saq checkpoint"):
+        load_checkpoint(p)
+
+
+def test_other_format_version(tiny_ckpt, tmp_path):
+    ck = torch.load(tiny_ckpt, weights_only=True)
+    ck["format_version"] = FORMAT_VERSION + 1
+    p = tmp_path / "future.pt"
+    torch.save(ck, p)
+    with pytest.raises(CheckpointError, match="format version"):
+        load_checkpoint(p)
+    del ck["model"]
+    ck["format_version"] = FORMAT_VERSION
+    torch.save(ck, p)
+    with pytest.raises(CheckpointError, match="lacks key"):
+        load_checkpoint(p)
+
+
+def test_incompatible_checkpoint(tiny_ckpt, tmp_path, capsys):
+    ck = torch.load(tiny_ckpt, weights_only=True)
+    ck["config"]["quantizer"] = "lsq"  # the weights are LIQ: clip_value keys, no scales
+    p = tmp_path / "lsq.pt"
+    torch.save(ck, p)
+    with pytest.raises(CheckpointError, match="missing keys.*unexpected keys"):
+        evaluate_checkpoint(str(p))
+    ck["config"]["quantizer"] = "liq"
+    ck["model"]["fc.weight"] = torch.zeros(7, 3)
+    torch.save(ck, p)
+    with pytest.raises(CheckpointError, match="shape mismatch: fc.weight"):
+        evaluate_checkpoint(str(p))
+    assert main(["eval", "--checkpoint", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "lsq.pt" in err and "shape mismatch" in err and "Traceback" not in err
