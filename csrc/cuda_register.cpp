@@ -325,6 +325,12 @@ void check_lengths(const char* op, size_t n, std::initializer_list<std::pair<con
   }
 }
 
+// docs/OPS.md: only params[:len(backups)] (the perturbed ones, put first) are restored.
+void check_backup_prefix(const char* op, size_t n, size_t nb) {
+  TORCH_CHECK(nb <= n, "saq_C::", op, ": 'backups' has ", nb, " entries but 'params' has ", n,
+              "; pass at most one per parameter (the perturbed ones first)");
+}
+
 // Tensor i of every list: on the device, same shape and dtype as the first (the parameter).
 void check_pair(const char* op, const char* name, size_t i, const Tensor& t, const Tensor& ref,
                 const char* ref_name, const at::Device& device) {
@@ -517,7 +523,8 @@ void sam_restore_sgd_(TensorList params, TensorList backups, TensorList grads,
   const char* op = "sam_restore_sgd_";
   const size_t n = params.size();
   const bool use_buf = momentum != 0.0;
-  check_lengths(op, n, {{"backups", backups.size()}, {"grads", grads.size()}});
+  check_lengths(op, n, {{"grads", grads.size()}});
+  check_backup_prefix(op, n, backups.size());
   if (use_buf) check_lengths(op, n, {{"momentum_buffers", momentum_buffers.size()}});
   if (n == 0) return;
   const at::Device device = params[0].device();
@@ -532,12 +539,16 @@ void sam_restore_sgd_(TensorList params, TensorList backups, TensorList grads,
     const Tensor& p = params[i];
     check_device(op, item("params", i), p, device);
     kernel_dtype(op, item("params", i), p);
-    check_pair(op, "backups", i, backups[i], p, "params", device);
+    // A parameter without a backup is "restored" from itself: the kernel reads the value to
+    // update through the backup pointer, so the same element is read once and written once.
+    const bool has_b = i < backups.size();
+    const Tensor& bk = has_b ? backups[i] : p;
+    if (has_b) check_pair(op, "backups", i, bk, p, "params", device);
     check_pair(op, "grads", i, grads[i], p, "params", device);
     // Without momentum the buffers are never touched (the Python wrapper passes grads there).
     const Tensor& buf = use_buf ? momentum_buffers[i] : grads[i];
     if (use_buf) check_pair(op, "momentum_buffers", i, buf, p, "params", device);
-    const bool direct = same_dense_layout({&p, &backups[i], &grads[i], &buf});
+    const bool direct = same_dense_layout({&p, &bk, &grads[i], &buf});
     writes.emplace_back(p, direct);
     void* p_ptr = writes.back().ptr();
     void* buf_ptr = nullptr;
@@ -545,13 +556,13 @@ void sam_restore_sgd_(TensorList params, TensorList backups, TensorList grads,
       writes.emplace_back(buf, direct);
       buf_ptr = writes.back().ptr();
     }
-    Tensor b = direct ? backups[i] : backups[i].contiguous();
+    Tensor b = (direct || !has_b) ? bk : bk.contiguous();
     Tensor g = direct ? grads[i] : grads[i].contiguous();
     keep.push_back(b);
     keep.push_back(g);
     Group& grp = groups.try_emplace(p.scalar_type(), 4).first->second;
     grp.ptrs[0].push_back(p_ptr);
-    grp.ptrs[1].push_back(b.data_ptr());
+    grp.ptrs[1].push_back(has_b ? b.data_ptr() : p_ptr);
     grp.ptrs[2].push_back(g.data_ptr());
     grp.ptrs[3].push_back(use_buf ? buf_ptr : g.data_ptr());
     grp.numels.push_back(p.numel());
@@ -582,9 +593,9 @@ void sam_restore_adamw_(TensorList params, TensorList backups, TensorList grads,
                         double weight_decay, const std::optional<Tensor>& found_inf) {
   const char* op = "sam_restore_adamw_";
   const size_t n = params.size();
-  check_lengths(op, n, {{"backups", backups.size()}, {"grads", grads.size()},
-                        {"exp_avgs", exp_avgs.size()}, {"exp_avg_sqs", exp_avg_sqs.size()},
-                        {"steps", steps.size()}});
+  check_lengths(op, n, {{"grads", grads.size()}, {"exp_avgs", exp_avgs.size()},
+                        {"exp_avg_sqs", exp_avg_sqs.size()}, {"steps", steps.size()}});
+  check_backup_prefix(op, n, backups.size());
   if (n == 0) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -599,7 +610,9 @@ void sam_restore_adamw_(TensorList params, TensorList backups, TensorList grads,
     const Tensor& p = params[i];
     check_device(op, item("params", i), p, device);
     kernel_dtype(op, item("params", i), p);
-    check_pair(op, "backups", i, backups[i], p, "params", device);
+    const bool has_b = i < backups.size();  // no backup: restored from itself (see SGD)
+    const Tensor& bk = has_b ? backups[i] : p;
+    if (has_b) check_pair(op, "backups", i, bk, p, "params", device);
     check_pair(op, "grads", i, grads[i], p, "params", device);
     check_pair(op, "exp_avgs", i, exp_avgs[i], p, "params", device);
     check_pair(op, "exp_avg_sqs", i, exp_avg_sqs[i], p, "params", device);
@@ -611,20 +624,20 @@ void sam_restore_adamw_(TensorList params, TensorList backups, TensorList grads,
     TORCH_CHECK(st.scalar_type() == at::kFloat && st.numel() == 1, "saq_C::", op, ": 'steps[", i,
                 "]' must be a float32 tensor with one element, got ", st.scalar_type(), " of shape ",
                 st.sizes());
-    const bool direct = same_dense_layout({&p, &backups[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i]});
+    const bool direct = same_dense_layout({&p, &bk, &grads[i], &exp_avgs[i], &exp_avg_sqs[i]});
     writes.emplace_back(p, direct);
     void* p_ptr = writes.back().ptr();
     writes.emplace_back(exp_avgs[i], direct);
     void* m_ptr = writes.back().ptr();
     writes.emplace_back(exp_avg_sqs[i], direct);
     void* v_ptr = writes.back().ptr();
-    Tensor b = direct ? backups[i] : backups[i].contiguous();
+    Tensor b = (direct || !has_b) ? bk : bk.contiguous();
     Tensor g = direct ? grads[i] : grads[i].contiguous();
     keep.push_back(b);
     keep.push_back(g);
     Group& grp = groups.try_emplace(p.scalar_type(), 5).first->second;
     grp.ptrs[0].push_back(p_ptr);
-    grp.ptrs[1].push_back(b.data_ptr());
+    grp.ptrs[1].push_back(has_b ? b.data_ptr() : p_ptr);
     grp.ptrs[2].push_back(g.data_ptr());
     grp.ptrs[3].push_back(m_ptr);
     grp.ptrs[4].push_back(v_ptr);

@@ -241,8 +241,10 @@ __global__ void __launch_bounds__(kMtThreads)
                            const SgdKernelArgs a) {
   constexpr int N = detail::Vec<T>::N;
   const Chunk c = my_chunk(tab, kSamChunk);
-  T* __restrict__ p = static_cast<T*>(tab.ptr[0][c.t]) + c.start;
-  const T* __restrict__ b = static_cast<const T*>(tab.ptr[1][c.t]) + c.start;
+  // p and b are not __restrict__: a parameter that was not perturbed is stepped with b == p
+  // (docs/OPS.md, backups as a prefix); each element is read through b before p is written.
+  T* p = static_cast<T*>(tab.ptr[0][c.t]) + c.start;
+  const T* b = static_cast<const T*>(tab.ptr[1][c.t]) + c.start;
   const T* __restrict__ g = static_cast<const T*>(tab.ptr[2][c.t]) + c.start;
   T* __restrict__ buf = static_cast<T*>(tab.ptr[3][c.t]) + c.start;
   const bool skip = a.found_inf != nullptr && __ldg(a.found_inf) != 0.0f;
@@ -322,8 +324,8 @@ __global__ void __launch_bounds__(kMtThreads)
                              const AdamWKernelArgs a) {
   constexpr int N = detail::Vec<T>::N;
   const Chunk c = my_chunk(tab, kSamChunk);
-  T* __restrict__ p = static_cast<T*>(tab.ptr[0][c.t]) + c.start;
-  const T* __restrict__ b = static_cast<const T*>(tab.ptr[1][c.t]) + c.start;
+  T* p = static_cast<T*>(tab.ptr[0][c.t]) + c.start;  // may alias b: see the SGD kernel
+  const T* b = static_cast<const T*>(tab.ptr[1][c.t]) + c.start;
   const T* __restrict__ g = static_cast<const T*>(tab.ptr[2][c.t]) + c.start;
   T* __restrict__ m = static_cast<T*>(tab.ptr[3][c.t]) + c.start;
   T* __restrict__ v = static_cast<T*>(tab.ptr[4][c.t]) + c.start;
