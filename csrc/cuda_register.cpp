@@ -1,4 +1,4 @@
-// CUDA implementations of the native saq ops (namespace saq_C; schemas in docs/OPS.md, declared
+// CUDA implementations of the native saq ops (namespace saq_C; schemas in saq_kernels/OPS.md, declared
 // by TORCH_LIBRARY in csrc/register.cpp). Compiled only with -DWITH_CUDA (setup.py, when a CUDA
 // torch and nvcc are present).
 //
@@ -325,7 +325,7 @@ void check_lengths(const char* op, size_t n, std::initializer_list<std::pair<con
   }
 }
 
-// docs/OPS.md: only params[:len(backups)] (the perturbed ones, put first) are restored.
+// saq_kernels/OPS.md: only params[:len(backups)] (the perturbed ones, put first) are restored.
 void check_backup_prefix(const char* op, size_t n, size_t nb) {
   TORCH_CHECK(nb <= n, "saq_C::", op, ": 'backups' has ", nb, " entries but 'params' has ", n,
               "; pass at most one per parameter (the perturbed ones first)");

@@ -1,4 +1,4 @@
-// Native schemas of the saq_C ops (docs/OPS.md, "Native schemas") and their CPU kernels.
+// Native schemas of the saq_C ops (saq_kernels/OPS.md, "Native schemas") and their CPU kernels.
 //
 // The CUDA kernels register under the same schemas in csrc/cuda_register.cpp (built only with
 // CUDA). Fakes (meta functions for torch.compile / opcheck) are registered in Python, in the

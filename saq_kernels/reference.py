@@ -1,7 +1,7 @@
 """Pure-PyTorch reference of every ``saq`` op: the spec, and the fallback on any device.
 
 Every other backend (C++, CUDA, Triton) is tested against these functions. The numerics are
-pinned here and described in docs/OPS.md:
+pinned here and described in saq_kernels/OPS.md:
 
 * quantizer math in fp32 for fp32/fp16/bf16 inputs (float64 inputs compute in float64, so tests
   can check the SAQ step to float64 rounding); outputs cast back to the input dtype;
@@ -9,7 +9,7 @@ pinned here and described in docs/OPS.md:
 * fake_quantize multiplies by the reciprocal ``1/scale`` (as ATen's fake-quant kernels do);
   liq_quantize divides by the clip (as the SAQ reference code does).
 
-Argument order is the op schema's (docs/OPS.md); all arguments are positional.
+Argument order is the op schema's (saq_kernels/OPS.md); all arguments are positional.
 """
 from __future__ import annotations
 

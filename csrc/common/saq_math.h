@@ -1,7 +1,7 @@
 // Shared scalar math of the saq quantizers, for the C++ CPU kernels and the CUDA kernels.
 //
 // One definition of rounding and operation order keeps the reference (saq_kernels/reference.py),
-// the CPU, CUDA and Triton paths on identical quantized codes (docs/OPS.md, "Pinned numerics"):
+// the CPU, CUDA and Triton paths on identical quantized codes (saq_kernels/OPS.md, "Pinned numerics"):
 //   * all math in fp32; rounding half to even (rintf / nearbyintf under the default rounding mode);
 //   * fake_quantize multiplies by the reciprocal 1/scale (as ATen's fake-quant kernels);
 //   * LIQ divides by the clip (as the SAQ reference code).

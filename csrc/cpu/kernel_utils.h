@@ -51,7 +51,7 @@ constexpr int kLanes = 16;         // double accumulators per reduction (two AVX
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Perturbation handling of the quantizers (docs/OPS.md): none, Q(x + s*e), Q(x) + s*e.
+// Perturbation handling of the quantizers (saq_kernels/OPS.md): none, Q(x + s*e), Q(x) + s*e.
 enum PerturbMode : int { kNoPerturb = 0, kPerturbBefore = 1, kPerturbAfter = 2 };
 
 // ---------------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ inline void check_float_cpu(const char* op, const char* name, const at::Tensor& 
 }
 
 // The tensor that sets the compute dtype (x, grads[0]): fp32 math serves fp32 / fp16 / bf16 only;
-// the reference computes float64 inputs in float64 (docs/OPS.md, "Pinned numerics").
+// the reference computes float64 inputs in float64 (saq_kernels/OPS.md, "Pinned numerics").
 inline void check_compute_input(const char* op, const char* name, const at::Tensor& t) {
   check_float_cpu(op, name, t);
   TORCH_CHECK(t.scalar_type() != at::kDouble, op, ": '", name,

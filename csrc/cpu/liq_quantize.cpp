@@ -5,7 +5,7 @@
 // squared deviations from that mean (the two-pass formula, no cancellation); both are rounded
 // to fp32 once and then used like the reference's fp32 statistics. They are correctly rounded,
 // while torch's fp32 mean may be off in the last bit, so on rare elements next to a rounding
-// boundary the code can differ by one level (docs/OPS.md allows this for standardize).
+// boundary the code can differ by one level (saq_kernels/OPS.md allows this for standardize).
 // Math per element: saq::liq_forward / saq::liq_backward (csrc/common/saq_math.h).
 #include <ATen/ops/empty.h>
 

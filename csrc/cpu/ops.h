@@ -1,4 +1,4 @@
-// CPU kernels of the saq_C ops (schemas in csrc/register.cpp and docs/OPS.md, same argument
+// CPU kernels of the saq_C ops (schemas in csrc/register.cpp and saq_kernels/OPS.md, same argument
 // order). Inputs may be non-contiguous: each kernel reads a .contiguous() copy (a no-op for
 // contiguous tensors); every output is a new contiguous tensor. Quantizer math is fp32 for
 // fp32 / fp16 / bf16 inputs (float64 x is refused: the reference computes it in float64),

@@ -12,7 +12,7 @@
 #include "../common/saq_math.h"
 #include "launchers.h"
 
-// The pinned numerics (docs/OPS.md) need IEEE division and rintf: --use_fast_math would make
+// The pinned numerics (saq_kernels/OPS.md) need IEEE division and rintf: --use_fast_math would make
 // 1/scale and x/c approximate and change quantized codes.
 #if defined(__USE_FAST_MATH__)
 #error "saq CUDA kernels must not be compiled with --use_fast_math (it changes quantized codes)"

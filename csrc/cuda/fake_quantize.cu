@@ -1,5 +1,5 @@
 // fake_quantize (LSQ / LSQ+ affine fake quantization), CUDA kernels: forward and backward, per
-// tensor and per channel, with the optional SAM perturbation (docs/OPS.md). Element math is
+// tensor and per channel, with the optional SAM perturbation (saq_kernels/OPS.md). Element math is
 // saq::fq_forward / saq::fq_backward (csrc/common/saq_math.h), identical to the CPU kernels and
 // the reference; this file only maps elements to threads.
 //

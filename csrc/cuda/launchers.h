@@ -5,7 +5,7 @@
 // on `stream` and returns the launch status (cudaGetLastError); none synchronizes or reads device
 // memory on the host, so all of them can be captured in a CUDA graph. Per-step scalars (scale,
 // zero point, clip, perturbation scale, lr, found_inf, steps) are device pointers read inside the
-// kernels. Numerics are pinned in docs/OPS.md and implemented by csrc/common/saq_math.h.
+// kernels. Numerics are pinned in saq_kernels/OPS.md and implemented by csrc/common/saq_math.h.
 //
 // Layout contract: every tensor argument is contiguous (the caller makes it so); pointers need no
 // particular alignment (16-byte-aligned ones take the vectorized path, others the scalar one).

@@ -1,5 +1,5 @@
 // liq_quantize (the LIQ quantizer of SAQ), CUDA kernels: forward and backward, signed / unsigned,
-// optional fused weight standardization and SAM perturbation (docs/OPS.md). Element math is
+// optional fused weight standardization and SAM perturbation (saq_kernels/OPS.md). Element math is
 // saq::liq_forward / saq::liq_backward (csrc/common/saq_math.h).
 //
 // standardize: a statistics pass sums x and x^2 in fp64 per thread (the variance is

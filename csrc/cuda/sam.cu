@@ -1,5 +1,5 @@
 // SAM multi-tensor ops, CUDA kernels: grad_sq_norm, sam_perturb_, sam_restore_,
-// sam_restore_sgd_, sam_restore_adamw_ (docs/OPS.md).
+// sam_restore_sgd_, sam_restore_adamw_ (saq_kernels/OPS.md).
 //
 // One launch covers many tensors, in the manner of apex's multi_tensor_apply: the host fills a
 // table of per-tensor pointers and sizes plus, per block, which tensor and which chunk of it the
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kMtThreads)
   constexpr int N = detail::Vec<T>::N;
   const Chunk c = my_chunk(tab, kSamChunk);
   // p and b are not __restrict__: a parameter that was not perturbed is stepped with b == p
-  // (docs/OPS.md, backups as a prefix); each element is read through b before p is written.
+  // (saq_kernels/OPS.md, backups as a prefix); each element is read through b before p is written.
   T* p = static_cast<T*>(tab.ptr[0][c.t]) + c.start;
   const T* b = static_cast<const T*>(tab.ptr[1][c.t]) + c.start;
   const T* __restrict__ g = static_cast<const T*>(tab.ptr[2][c.t]) + c.start;

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
+from ..backends import OP_NAMES as OPS
 from . import fake_quantize as _fq
 from . import liq_quantize as _liq
 from . import sam as _sam
@@ -26,21 +27,9 @@ from . import sam as _sam
 #: True when the kernels were built by the Triton interpreter (they run on CPU tensors).
 INTERPRETED = type(_fq._fake_quantize_fwd_kernel).__name__ == "InterpretedFunction"
 
-OPS = (
-    "fake_quantize",
-    "fake_quantize_backward",
-    "liq_quantize",
-    "liq_quantize_backward",
-    "grad_sq_norm",
-    "sam_perturb_",
-    "sam_restore_",
-    "sam_restore_sgd_",
-    "sam_restore_adamw_",
-)
-
 
 def impls() -> Dict[str, Callable]:
-    """op name -> implementation taking the op's positional arguments (docs/OPS.md)."""
+    """op name -> implementation taking the op's positional arguments (saq_kernels/OPS.md)."""
     table = {}
     for mod in (_fq, _liq, _sam):
         for name in OPS:

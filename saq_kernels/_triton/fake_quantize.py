@@ -1,4 +1,4 @@
-"""Triton kernels of ``saq::fake_quantize`` and ``saq::fake_quantize_backward`` (docs/OPS.md).
+"""Triton kernels of ``saq::fake_quantize`` and ``saq::fake_quantize_backward`` (saq_kernels/OPS.md).
 
 Forward, one pass: read x (and the perturbation e when given) once, write y once; fp32 math for
 fp32 / fp16 / bf16 inputs. Scale, zero point and the perturbation scale are read from device
@@ -272,13 +272,13 @@ def fake_quantize_bwd(
 
 def fake_quantize(x, scale, zero_point, quant_min, quant_max, axis, grad_factor,
                   perturbation, perturb_scale, perturb_before):
-    """``saq::fake_quantize`` on the Triton backend (positional signature of docs/OPS.md)."""
+    """``saq::fake_quantize`` on the Triton backend (positional signature of saq_kernels/OPS.md)."""
     return fake_quantize_fwd(x, scale, zero_point, quant_min, quant_max, axis, grad_factor,
                              perturbation, perturb_scale, perturb_before)
 
 
 def fake_quantize_backward(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor,
                            perturbation, perturb_scale, perturb_before):
-    """``saq::fake_quantize_backward`` on the Triton backend (positional signature of docs/OPS.md)."""
+    """``saq::fake_quantize_backward`` on the Triton backend (positional signature of saq_kernels/OPS.md)."""
     return fake_quantize_bwd(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor,
                              perturbation, perturb_scale, perturb_before)

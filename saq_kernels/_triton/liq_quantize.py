@@ -1,4 +1,4 @@
-"""Triton kernels of ``saq::liq_quantize`` and ``saq::liq_quantize_backward`` (docs/OPS.md).
+"""Triton kernels of ``saq::liq_quantize`` and ``saq::liq_quantize_backward`` (saq_kernels/OPS.md).
 
 Forward, one pass over x (read x and e once, write y once), fp32 math, fp32 / fp16 / bf16 in and
 out; the clip, the perturbation scale and the standardization statistics are read from device
@@ -307,13 +307,13 @@ def liq_quantize_bwd(
 
 
 def liq_quantize(x, clip, bits, signed, standardize, perturbation, perturb_scale, perturb_before):
-    """``saq::liq_quantize`` on the Triton backend (positional signature of docs/OPS.md)."""
+    """``saq::liq_quantize`` on the Triton backend (positional signature of saq_kernels/OPS.md)."""
     return liq_quantize_fwd(x, clip, bits, signed, standardize, perturbation, perturb_scale,
                             perturb_before)
 
 
 def liq_quantize_backward(grad, x, clip, bits, signed, standardize, perturbation, perturb_scale,
                           perturb_before):
-    """``saq::liq_quantize_backward`` on the Triton backend (positional signature of docs/OPS.md)."""
+    """``saq::liq_quantize_backward`` on the Triton backend (positional signature of saq_kernels/OPS.md)."""
     return liq_quantize_bwd(grad, x, clip, bits, signed, standardize, perturbation, perturb_scale,
                             perturb_before)

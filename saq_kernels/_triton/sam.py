@@ -1,5 +1,5 @@
 """Multi-tensor Triton kernels of the SAM ops: grad_sq_norm, sam_perturb_, sam_restore_,
-sam_restore_sgd_, sam_restore_adamw_ (docs/OPS.md).
+sam_restore_sgd_, sam_restore_adamw_ (saq_kernels/OPS.md).
 
 One launch covers many tensors (apex's multi_tensor_apply idea). On the host, per call, the
 tensors are grouped by dtype (a pointer's element type is a compile-time constant) and each group
@@ -618,7 +618,7 @@ def sam_restore_fwd(params: List[Tensor], backups: List[Tensor]) -> None:
 
 
 def _pad_backups(params: List[Tensor], backups: List[Tensor]) -> List[Tensor]:
-    """The ops restore only ``params[:len(backups)]`` (docs/OPS.md). The kernels read the value
+    """The ops restore only ``params[:len(backups)]`` (saq_kernels/OPS.md). The kernels read the value
     to update from the backup pointer, so a parameter that is not restored uses itself as its
     "backup": the same one read per element, no extra traffic, one launch for the whole group."""
     return list(backups) + list(params[len(backups):])
@@ -689,7 +689,7 @@ def sam_restore_adamw_fwd(params, backups, grads, exp_avgs, exp_avg_sqs, steps, 
                                 weight_decay, found_inf)
 
 
-# The ops' positional signatures (docs/OPS.md).
+# The ops' positional signatures (saq_kernels/OPS.md).
 def grad_sq_norm(grads, params, adaptive, eta):
     """``saq::grad_sq_norm`` on the Triton backend."""
     return grad_sq_norm_fwd(grads, params, adaptive, eta)

@@ -2,7 +2,7 @@
 
 A backend is a :class:`Backend`: a name, a lazily computed availability (``None`` or the reason it
 is unavailable), a capability check per (op, device type, dtype) and a table of implementations
-taking the op's positional arguments (see docs/OPS.md). Capabilities are data and refusals are
+taking the op's positional arguments (see saq_kernels/OPS.md). Capabilities are data and refusals are
 sentences: the same string is the error message and the pytest skip reason.
 
 Selection, per call:
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional
 
 __all__ = [
+    "OP_NAMES",
     "Backend",
     "register_backend",
     "get_backend",
@@ -30,6 +31,20 @@ __all__ = [
     "default_order",
     "set_default_order",
 ]
+
+
+#: Every op a backend implements, with the positional signatures of saq_kernels/OPS.md.
+OP_NAMES = (
+    "fake_quantize",
+    "fake_quantize_backward",
+    "liq_quantize",
+    "liq_quantize_backward",
+    "grad_sq_norm",
+    "sam_perturb_",
+    "sam_restore_",
+    "sam_restore_sgd_",
+    "sam_restore_adamw_",
+)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The "cpp" (CPU) and "cuda" backends: the compiled extension saq_kernels._C (namespace saq_C).
 
-Both call ``torch.ops.saq_C.<op>`` with the op's positional arguments (docs/OPS.md, "Native
+Both call ``torch.ops.saq_C.<op>`` with the op's positional arguments (saq_kernels/OPS.md, "Native
 schemas"). The extension loads lazily, at the first probe (saq_kernels._build.load_extension:
 the prebuilt library, else a JIT build); a failed load makes both backends unavailable with the
 reason. float64 inputs are left to the reference (the kernels compute in fp32 anyway).
@@ -14,21 +14,11 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from . import OP_NAMES as OPS
 from . import Backend, register_backend
 
 __all__ = ["OPS", "register_fakes"]
 
-OPS = (
-    "fake_quantize",
-    "fake_quantize_backward",
-    "liq_quantize",
-    "liq_quantize_backward",
-    "grad_sq_norm",
-    "sam_perturb_",
-    "sam_restore_",
-    "sam_restore_sgd_",
-    "sam_restore_adamw_",
-)
 
 _FP64_REASON = (
     "backend '{name}' does not serve float64 inputs (its kernels compute in fp32); "

@@ -1,11 +1,11 @@
 """The "reference" backend: saq_kernels.reference, on every device and dtype."""
-from . import Backend, register_backend
+from . import OP_NAMES, Backend, register_backend
 
 
 def _impls():
     from .. import reference as R
 
-    return {name: getattr(R, name) for name in R.__all__}
+    return {name: getattr(R, name) for name in OP_NAMES}
 
 
 register_backend(

@@ -1,6 +1,6 @@
 """The "cuda" backend (CUDA kernels of saq_kernels._C, csrc/cuda) against the reference.
 
-Contract (docs/OPS.md): quantized codes and straight-through gradients bit-exact; reductions and
+Contract (saq_kernels/OPS.md): quantized codes and straight-through gradients bit-exact; reductions and
 optimizer steps within twice the reference's own error in the same precision against a float64
 run of the reference (plus one rounding of the result's dtype); sam_perturb_ / sam_restore_
 bit-exact. Inputs: fp32 / fp16 / bf16, odd sizes (scalar tails), views offset by one element
@@ -43,7 +43,7 @@ def _needs_cuda_backend():
 
 
 def _op(name: str):
-    """The cuda backend's implementation of op ``name`` (positional signature of docs/OPS.md)."""
+    """The cuda backend's implementation of op ``name`` (positional signature of saq_kernels/OPS.md)."""
     return sk.get_backend("cuda").table()[name]
 
 
@@ -108,7 +108,7 @@ def _sum_like(t, param, x, axis):
 
 
 def _fq_backward64(grad, x, scale, zero_point, qmin, qmax, axis, gf, e, s, before):
-    """dscale, dzero_point of docs/OPS.md in float64, and the rounding-error floor of each sum."""
+    """dscale, dzero_point of saq_kernels/OPS.md in float64, and the rounding-error floor of each sum."""
     xf = x.double()
     if before and e is not None:
         xf = xf + s.double() * e.double()
@@ -131,7 +131,7 @@ def _fq_backward64(grad, x, scale, zero_point, qmin, qmax, axis, gf, e, s, befor
 
 
 def _liq_dclip64(grad, x, clip, bits, signed, standardize, e, s, before):
-    """dclip of docs/OPS.md in float64 (statistics too) and its rounding-error floor."""
+    """dclip of saq_kernels/OPS.md in float64 (statistics too) and its rounding-error floor."""
     xf = x.double()
     if before and e is not None:
         xf = xf + s.double() * e.double()

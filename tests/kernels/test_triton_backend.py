@@ -1,4 +1,4 @@
-"""The "triton" backend against the reference (docs/OPS.md's contract).
+"""The "triton" backend against the reference (saq_kernels/OPS.md's contract).
 
 Without CUDA the kernels run on CPU tensors under the Triton interpreter: this module sets
 TRITON_INTERPRET=1 before triton is imported, and skips (with the reason) if the saq Triton kernels
@@ -345,7 +345,7 @@ def test_liq_backward(dtype, signed, standardize, perturb):
 
 
 def test_liq_maps_levels_with_the_fp32_reciprocal():
-    # The pinned form (docs/OPS.md): k * fp32(1/n), what ATen computes for the SAQ reference
+    # The pinned form (saq_kernels/OPS.md): k * fp32(1/n), what ATen computes for the SAQ reference
     # code's `round(v * n) / n` on CUDA.
     x, clip = _liq_inputs(torch.float32, True, seed=4)
     n = 15.0
