@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils import _python_dispatch
 
 from .backends import select
 from .validate import (
@@ -265,8 +266,24 @@ def liq_quantize(
 # ----------------------------------------------------------------------------------------------
 # SAM ops
 # ----------------------------------------------------------------------------------------------
-def _first(ts: Sequence[Tensor]) -> Optional[Tensor]:
-    return ts[0] if len(ts) else None
+def _call_list_op(op: str, custom_op, t: Tensor, *args):
+    """Run a multi-tensor op through its ``saq::`` custom op, or straight on the selected
+    backend in plain eager mode.
+
+    The custom-op layer is what torch.compile, export and fake tensors see, and it stays the path
+    whenever any of them is active. In plain eager mode it only adds Python work per call (for
+    mutated lists: a version bump per tensor), about 0.17 ms for a 61-tensor ResNet-20 list, i.e.
+    as much as the kernel itself; these ops run under no_grad on parameters between passes, so
+    the direct call is equivalent there.
+    """
+    if (
+        torch.compiler.is_compiling()
+        or _python_dispatch._get_current_dispatch_mode() is not None
+        or type(t) not in (Tensor, torch.nn.Parameter)
+        or torch.is_grad_enabled() and t.requires_grad
+    ):
+        return custom_op(*args)
+    return select(op, t.device.type, t.dtype)(*args)
 
 
 @torch.library.custom_op("saq::grad_sq_norm", mutates_args=())
@@ -304,7 +321,7 @@ def grad_sq_norm(
     if not grads:
         z = torch.zeros(())
         return z, z.clone()
-    return _grad_sq_norm(grads, params, adaptive, float(eta))
+    return _call_list_op("grad_sq_norm", _grad_sq_norm, grads[0], grads, params, adaptive, float(eta))
 
 
 @torch.library.custom_op("saq::sam_perturb_", mutates_args=("params", "backups"))
@@ -338,7 +355,7 @@ def sam_perturb_(
     if not params:
         return
     check_same_device(op, "scale", scale, params[0])
-    _sam_perturb_(params, grads, backups, scale, adaptive)
+    _call_list_op("sam_perturb_", _sam_perturb_, params[0], params, grads, backups, scale, adaptive)
 
 
 @torch.library.custom_op("saq::sam_restore_", mutates_args=("params",))
@@ -356,7 +373,7 @@ def sam_restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
     params, backups = list(params), list(backups)
     check_tensor_list("sam_restore_", params=params, backups=backups)
     if params:
-        _sam_restore_(params, backups)
+        _call_list_op("sam_restore_", _sam_restore_, params[0], params, backups)
 
 
 @torch.library.custom_op("saq::sam_restore_sgd_", mutates_args=("params", "momentum_buffers"))
@@ -416,8 +433,8 @@ def sam_restore_sgd_(
     if not params:
         return
     check_same_device(op, "lr", lr, params[0])
-    _sam_restore_sgd_(
-        params, backups, grads, bufs, lr, float(momentum), float(dampening), float(weight_decay),
+    _call_list_op(
+        "sam_restore_sgd_", _sam_restore_sgd_, params[0], params, backups, grads, bufs, lr, float(momentum), float(dampening), float(weight_decay),
         bool(nesterov), bool(first_step), found_inf,
     )
 
@@ -479,7 +496,7 @@ def sam_restore_adamw_(
     if not params:
         return
     check_same_device(op, "lr", lr, params[0])
-    _sam_restore_adamw_(
-        params, backups, grads, exp_avgs, exp_avg_sqs, steps, lr, float(beta1), float(beta2),
+    _call_list_op(
+        "sam_restore_adamw_", _sam_restore_adamw_, params[0], params, backups, grads, exp_avgs, exp_avg_sqs, steps, lr, float(beta1), float(beta2),
         float(eps), float(weight_decay), found_inf,
     )
