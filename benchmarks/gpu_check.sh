@@ -8,7 +8,7 @@
 #   1. facts: GPU, driver, torch / triton / nvcc versions
 #   2. build saq_kernels._C in place (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16); a failure is reported
 #      and the cuda/cpp backends then say why they are unavailable (no JIT rebuild: SAQ_JIT_BUILD=0)
-#   3. GPU tests: pytest -m gpu tests/kernels
+#   3. GPU tests: pytest -m gpu tests/kernels tests/training
 #   4. GPU benchmarks, SAQ_BENCH_MODE=short, one pytest per suite with its own time budget
 #      (the harness skips the remaining cases when the budget is spent; the CSV is written as it goes)
 #   5. plots and the markdown report
@@ -90,8 +90,8 @@ elif [ ! -d tests/kernels ]; then
   say "tests: SKIPPED: no tests/kernels"
 else
   T=$(cap 120 200)
-  say "tests: pytest -m gpu tests/kernels (timeout ${T}s)"
-  timeout -s INT -k 10 "$T" "$PY" -m pytest -m gpu tests/kernels -q -rfEs -p no:cacheprovider \
+  say "tests: pytest -m gpu tests/kernels tests/training (timeout ${T}s)"
+  timeout -s INT -k 10 "$T" "$PY" -m pytest -m gpu tests/kernels tests/training -q -rfEs -p no:cacheprovider \
     >"$WORK/tests.log" 2>&1
   rc=$?
   cat "$WORK/tests.log" >>"$LOG"

@@ -219,3 +219,62 @@ def test_efficient_mode_reuses_the_last_perturbation():
     opt.restore_step()
     with pytest.raises(ValueError, match="ascent_every"):
         saq.SAQ(m, sgd(m), ascent_every=0)
+
+
+# ------------------------------------------------------------------------------------------
+# on a GPU (run by benchmarks/gpu_check.sh)
+# ------------------------------------------------------------------------------------------
+def _gpu_backends():
+    if not torch.cuda.is_available():
+        return ["cuda-unavailable"]
+    return [n for n in ("triton", "cuda") if sk.get_backend(n).supports("liq_quantize", "cuda", torch.float32) is None]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("case,adaptive", [(1, False), (2, False), (3, False), (3, True)])
+def test_fused_path_matches_reference_path_on_gpu(backend, case, adaptive):
+    data = [(x.cuda(), y.cuda()) for x, y in batches(3)]
+    a, b = make_model().cuda(), make_model().cuda()
+    oa = saq.SAQ(a, sgd(a), rho=0.2, case=case, adaptive=adaptive, fused=True)
+    ob = saq.SAQ(b, sgd(b), rho=0.2, case=case, adaptive=adaptive, fused=False)
+    with sk.use_backend(backend):
+        train(a, oa, data)
+    with sk.use_backend("reference"):
+        train(b, ob, data)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_full_saq_step_captures_in_a_cuda_graph():
+    x, y = (t.cuda() for t in batches(1)[0])
+    m = make_model().cuda()
+    twin = copy.deepcopy(m)
+    opt, otwin = saq.SAQ(m, sgd(m), rho=0.1), saq.SAQ(twin, sgd(twin), rho=0.1)
+
+    def step(model, o):
+        o.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        o.ascent_step()
+        F.cross_entropy(model(x), y).backward()
+        o.descent_step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: optimizer state, kernel compilation
+        for _ in range(3):
+            step(m, opt)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # capture: nothing runs, no host sync may happen
+        step(m, opt)
+    for _ in range(2):
+        graph.replay()
+    for _ in range(5):
+        step(twin, otwin)
+    torch.cuda.synchronize()
+    for (n, p), q in zip(m.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
