@@ -51,6 +51,12 @@ from .fused import FusedStep, fused_kind
 
 __all__ = ["SAQ"]
 
+# The optimizer's bookkeeping (which tensors are perturbed, backups, counters) is host-side Python
+# state that Dynamo would have to replay as side effects; inside a compiled training step it runs
+# eagerly, like the Tensor.backward() calls around it. The model's forward and backward, where
+# the saq ops are, compile without graph breaks (tests/training/test_fast_step.py).
+_eager = torch.compiler.disable
+
 _BN = nn.modules.batchnorm._BatchNorm
 _ACLIP = ("activation_clip_value", "activation_scale", "activation_zero_point")
 _WCLIP = ("weight_clip_value", "weight_scale")
@@ -171,6 +177,7 @@ class SAQ(Optimizer):
             if on:
                 m.clear_captured_grad()
 
+    @_eager
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the parameters' gradients and any dL/dQ(w) captured for the next ascent."""
         super().zero_grad(set_to_none=set_to_none)
@@ -196,6 +203,7 @@ class SAQ(Optimizer):
                 entries.append((m, g, p))
         return entries
 
+    @_eager
     @torch.no_grad()
     def ascent_step(self, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> None:
         """After pass 1's backward: global norm, perturbation, zeroed gradients. No host sync.
@@ -242,6 +250,7 @@ class SAQ(Optimizer):
         self._found_inf = found_inf
         self.zero_grad(set_to_none=True)
 
+    @_eager
     @torch.no_grad()
     def reuse_perturbation(self) -> None:
         """Efficient mode: re-apply the last ascent's perturbation instead of a new pass 1."""
@@ -289,6 +298,7 @@ class SAQ(Optimizer):
         for m in self.qlayers:
             m.set_perturbation(None, None, False)
 
+    @_eager
     @torch.no_grad()
     def restore_step(self) -> None:
         """Undo the perturbation without an optimizer step (for sharpness analysis)."""
@@ -299,6 +309,7 @@ class SAQ(Optimizer):
         self._found_inf = None
         self._set_capture(True)
 
+    @_eager
     @torch.no_grad()
     def accumulate(self) -> None:
         """Gradient accumulation: end one micro-batch after its pass-2 backward.
@@ -333,6 +344,7 @@ class SAQ(Optimizer):
             self._skipped = torch.zeros((), dtype=torch.int64, device=found_inf.device)
         self._skipped += (found_inf > 0).to(torch.int64)
 
+    @_eager
     @torch.no_grad()
     def descent_step(self, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> None:
         """After pass 2's backward: restore, base-optimizer step, zero the gradients.

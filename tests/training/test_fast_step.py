@@ -278,3 +278,37 @@ def test_full_saq_step_captures_in_a_cuda_graph():
     torch.cuda.synchronize()
     for (n, p), q in zip(m.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.slow
+def test_compiled_whole_training_step_breaks_only_outside_our_ops():
+    import torch._dynamo as dynamo
+
+    x, y = batches(1)[0]
+    a, b = make_model(), make_model()
+    oa, ob = saq.SAQ(a, sgd(a), rho=0.1), saq.SAQ(b, sgd(b), rho=0.1)
+
+    def step(model, opt):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.ascent_step()
+        F.cross_entropy(model(x), y).backward()
+        opt.descent_step()
+        return loss
+
+    explain = dynamo.explain(step)(b, ob)
+    # Dynamo stops at Tensor.backward() and at torch.optim's zero_grad (it skips that file); none
+    # of the breaks may come from the saq ops or the quantized layers.
+    for r in explain.break_reasons:
+        where = " ".join(str(f) for f in r.user_stack)
+        assert "saq_kernels" not in where and "saq/nn" not in where, r.reason
+    dynamo.reset()
+    b2 = make_model()
+    ob2 = saq.SAQ(b2, sgd(b2), rho=0.1)
+    compiled = torch.compile(step, backend="inductor")
+    for _ in range(2):
+        compiled(b2, ob2)
+        step(a, oa)
+    for (n, p), q in zip(a.named_parameters(), b2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
