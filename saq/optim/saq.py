@@ -36,6 +36,8 @@ the weights) and counted in ``skipped_steps``; the warning is issued when that c
 """
 from __future__ import annotations
 
+import functools
+import sys
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -55,7 +57,18 @@ __all__ = ["SAQ"]
 # state that Dynamo would have to replay as side effects; inside a compiled training step it runs
 # eagerly, like the Tensor.backward() calls around it. The model's forward and backward, where
 # the saq ops are, compile without graph breaks (tests/training/test_fast_step.py).
-_eager = torch.compiler.disable
+# (torch.compiler.disable is applied lazily: calling it at import would import Dynamo, and with it
+# Triton, on every `import saq`.)
+
+
+def _eager(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "torch._dynamo" in sys.modules and torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 _BN = nn.modules.batchnorm._BatchNorm
 _ACLIP = ("activation_clip_value", "activation_scale", "activation_zero_point")
