@@ -249,7 +249,13 @@ def test_fused_path_matches_reference_path_on_gpu(backend, case, adaptive):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_full_saq_step_captures_in_a_cuda_graph():
+@pytest.mark.parametrize("backend", ["reference"] + [b for b in _gpu_backends() if b != "cuda-unavailable"])
+def test_full_saq_step_captures_in_a_cuda_graph(backend):
+    with sk.use_backend(backend):
+        _capture_and_compare()
+
+
+def _capture_and_compare():
     x, y = (t.cuda() for t in batches(1)[0])
     m = make_model().cuda()
     twin = copy.deepcopy(m)
