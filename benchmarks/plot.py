@@ -121,7 +121,7 @@ def bar_fig(plt, rows, slug, out, op_names, title, fname, group_key):
         ax.grid(alpha=0.3, axis="y")
     for idx in range(len(panels), nrow * ncol):
         axes[idx // ncol][idx % ncol].axis("off")
-    handles, labels = {}, {}
+    handles = {}
     for ax in fig.axes:
         for h, l in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(l, h)

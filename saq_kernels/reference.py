@@ -13,7 +13,7 @@ Argument order is the op schema's (saq_kernels/OPS.md); all arguments are positi
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -399,7 +399,3 @@ def sam_restore_adamw_(
         _select_(exp_avg_sqs[i], v, skip)
         _select_(steps[i], step, skip)
         _select_(p, new_p, skip)
-
-
-def as_list(ts: Sequence[Tensor]) -> List[Tensor]:
-    return list(ts)

@@ -188,8 +188,8 @@ class QuantLayer:
         self.quant_initialized = True
         q, w = self.quantizer, self.weight.detach()
         if q == "liq" and not isinstance(self, nn.Conv2d):
-            self.weight_clip_value.fill_(0.0).add_(w.abs().max() * 0.8)
-            self.activation_clip_value.fill_(0.0).add_(x.detach().abs().max().float() * 0.8)
+            self.weight_clip_value.copy_((w.abs().max() * 0.8).reshape(1))
+            self.activation_clip_value.copy_((x.detach().abs().max().float() * 0.8).reshape(1))
         elif q in ("lsq", "lsq+"):
             _, qmax_w = self._lsq_range(max(self.bits_weights, 2), True)
             if self.per_channel:
@@ -208,7 +208,7 @@ class QuantLayer:
                 _, qmax_a = self._lsq_range(bits_a, self.signed_activations)
                 self.activation_scale.copy_((2 * xd.abs().mean() / math.sqrt(qmax_a)).clamp_min(1e-8).reshape(1))
         elif q == "pact":
-            self.activation_clip_value.fill_(0.0).add_(x.detach().abs().max().float().clamp_min(1e-3) * 0.8)
+            self.activation_clip_value.copy_((x.detach().abs().max().float().clamp_min(1e-3) * 0.8).reshape(1))
 
     def _maybe_init(self, x: Tensor) -> None:
         if not self.quant_initialized and self.training:

@@ -146,6 +146,7 @@ class SAQ(Optimizer):
         self._skipped: Optional[Tensor] = None  # device counter
         self._skipped_seen = 0
         self._acc: Dict[Tensor, Tensor] = {}  # accumulated descent gradients (micro-batches)
+        self._acc_inf: Optional[Tensor] = None  # their ascents' non-finite flags, summed
         self._last: Optional[dict] = None  # last perturbation, for ascent_every > 1
         self.steps = 0
         self._set_capture(True)
@@ -242,10 +243,9 @@ class SAQ(Optimizer):
             grads = self._all_reduce_mean(grads, len(entries))
         norm_sq, found_inf = sk.grad_sq_norm(grads, points, flags, self.eta)
         skip = found_inf > 0
-        scale = torch.where(skip, torch.zeros_like(norm_sq), self.rho / (norm_sq.sqrt() + 1e-12))
-        zero = torch.zeros((), device=norm_sq.device, dtype=norm_sq.dtype)
+        scale = torch.where(skip, 0.0, self.rho / (norm_sq.sqrt() + 1e-12))
         # where(skip, 0, g): a skipped step must not see 0 * inf = NaN in its perturbation.
-        gs = [torch.where(skip.to(g.device), zero.to(g.device, g.dtype), g) for g in grads]
+        gs = [torch.where(skip, 0.0, g) for g in grads]
         weights = []
         for (m, _, p), g in zip(entries, gs[: len(entries)]):
             e = p * p * g if self.adaptive else g
@@ -344,7 +344,7 @@ class SAQ(Optimizer):
                     self._acc[p] = p.grad
                 p.grad = None
         if found_inf is not None:
-            self._acc_inf = found_inf if getattr(self, "_acc_inf", None) is None else self._acc_inf + found_inf
+            self._acc_inf = found_inf if self._acc_inf is None else self._acc_inf + found_inf
 
     def _pass2_found_inf(self) -> Optional[Tensor]:
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -366,8 +366,7 @@ class SAQ(Optimizer):
         ``grad_scaler.step`` does, then ``grad_scaler.update()``.
         """
         if self._acc:
-            acc_inf = getattr(self, "_acc_inf", None)
-            self._found_inf = acc_inf
+            self._found_inf = self._acc_inf
             for p, g in self._acc.items():
                 if p.grad is not None:
                     g.add_(p.grad)

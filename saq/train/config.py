@@ -205,9 +205,9 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
     need(cfg.lr > 0 and cfg.clip_lr > 0, "--lr and --clip-lr must be > 0")
     need(cfg.rho >= 0, f"--rho must be >= 0, got {cfg.rho}")
-    need(cfg.optimizer in ("sgd", "adamw"), f"--optimizer must be sgd or adamw")
-    need(cfg.scheduler in ("cosine", "step"), f"--scheduler must be cosine or step")
-    need(cfg.amp in ("none", "bf16", "fp16"), f"--amp must be none, bf16 or fp16")
+    need(cfg.optimizer in ("sgd", "adamw"), "--optimizer must be sgd or adamw")
+    need(cfg.scheduler in ("cosine", "step"), "--scheduler must be cosine or step")
+    need(cfg.amp in ("none", "bf16", "fp16"), "--amp must be none, bf16 or fp16")
     need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
          f"--device must be auto, cpu or cuda, got {cfg.device!r}")
     need(cfg.max_steps is None or cfg.max_steps >= 1, "--max-steps must be >= 1")

@@ -91,7 +91,7 @@ def build_config(explicit: Dict[str, Any]) -> TrainConfig:
         raise ConfigError(
             f"--resume {path!r}: the checkpoint was trained with "
             + ", ".join(f"{k}={getattr(saved, k)!r}" for k in changed)
-            + f" but this command asks for "
+            + " but this command asks for "
             + ", ".join(f"{k}={explicit[k]!r}" for k in changed)
             + "; drop those flags or start a new run without --resume")
     # Per-invocation options are not inherited: a run cut by --max-steps must not stop again.

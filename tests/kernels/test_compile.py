@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import saq
 from saq.nn import QLinear
 
 
