@@ -83,6 +83,9 @@ def setup(device: torch.device, env: Optional[DistEnv] = None) -> DistEnv:
 def cleanup() -> None:
     """Destroy the process group if this module's setup created one (or any is active)."""
     if dist.is_available() and dist.is_initialized():
+        # Wait for every rank first: a rank that tears down gloo while a peer still talks to it
+        # aborts the peer ("terminate called without an active exception", seen in CI).
+        dist.barrier()
         dist.destroy_process_group()
 
 

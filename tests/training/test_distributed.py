@@ -65,6 +65,7 @@ def _worker(rank, port, sync, out):
     opt = saq.SAQ(ddp, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.3, sync_ascent=sync)
     _train(model, opt, _data(), ddp, rank)
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()  # no rank tears gloo down while its peer still uses it (else a SIGABRT)
     dist.destroy_process_group()
 
 
