@@ -63,8 +63,8 @@ def csrc_dir() -> Optional[str]:
 
 
 def cpp_sources(csrc: str) -> List[str]:
-    """register.cpp and the CPU kernels, sorted (a stable build order)."""
-    return [os.path.join(csrc, "register.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    """register.cpp, autograd.cpp and the CPU kernels, sorted (a stable build order)."""
+    return [os.path.join(csrc, n) for n in ("register.cpp", "autograd.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
 
 
 def cuda_sources(csrc: str) -> List[str]:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils import _python_dispatch
 
+from . import validate as _validate
 from .backends import select
 from .validate import (
     check_backup_prefix,
@@ -40,6 +41,40 @@ __all__ = [
 
 def _impl(op: str, t: Tensor):
     return select(op, t.device.type, t.dtype)
+
+
+def _plain_eager(t: Tensor) -> bool:
+    """True outside torch.compile / export tracing, fake tensors, any Python dispatch mode and
+    functorch transforms, for a plain tensor: where a direct call may bypass the custom-op layer."""
+    return not (
+        torch.compiler.is_compiling()
+        or _python_dispatch._get_current_dispatch_mode() is not None
+        or type(t) not in (Tensor, torch.nn.Parameter)
+        or torch._C._are_functorch_transforms_active()
+    )
+
+
+_NATIVE_AUTOGRAD = {}
+
+
+def _native_autograd(op: str, x: Tensor):
+    """``saq_C::<op>_autograd`` (csrc/autograd.cpp) when the call may take the native fast path,
+    else None.
+
+    The fast path is the same kernels with the autograd formula in C++ instead of Python (about
+    0.2 ms less per quantizer call, forward plus backward; bit-identical results). It is taken in
+    plain eager mode when the selected backend is a native one ("cpp" / "cuda"); its backward then
+    runs on that backend too, whereas the custom op picks the backward's backend when it runs.
+    None for an extension built before these ops existed (the custom op still works)."""
+    if not _plain_eager(x):
+        return None
+    if getattr(_impl(op, x), "namespace", None) != "saq_C":
+        return None
+    fn = _NATIVE_AUTOGRAD.get(op, ...)
+    if fn is ...:
+        packet = getattr(torch.ops.saq_C, op + "_autograd", None)
+        fn = _NATIVE_AUTOGRAD[op] = None if packet is None else packet.default
+    return fn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,13 +189,16 @@ def fake_quantize(
     op = "fake_quantize"
     check_float(op, "x", x)
     check_quant_range(op, quant_min, quant_max)
-    axis = check_param(op, "scale", scale, x, axis, positive=True)
+    native = _native_autograd(op, x)
+    # The native path checks the scale's values itself (on the CPU, where that is free).
+    axis = check_param(op, "scale", scale, x, axis, positive=native is None)
     check_param(op, "zero_point", zero_point, x, axis, positive=False)
     check_perturbation(op, x, perturbation, perturb_scale)
-    return _fake_quantize(
-        x, scale, zero_point, int(quant_min), int(quant_max), axis, float(grad_factor),
-        perturbation, perturb_scale, bool(perturb_before),
-    )
+    args = (x, scale, zero_point, int(quant_min), int(quant_max), axis, float(grad_factor),
+            perturbation, perturb_scale, bool(perturb_before))
+    if native is not None:
+        return native(*args, _validate.CHECK_VALUES)
+    return _fake_quantize(*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,12 +293,14 @@ def liq_quantize(
             return x
         check_perturbation(op, x, perturbation, perturb_scale)
         return x + (perturb_scale * perturbation).to(x.dtype)
-    check_param(op, "clip", clip, x, None, positive=True, absolute=True)
+    native = _native_autograd(op, x)
+    check_param(op, "clip", clip, x, None, positive=native is None, absolute=True)
     check_perturbation(op, x, perturbation, perturb_scale)
-    return _liq_quantize(
-        x, clip, int(bits), bool(signed), bool(standardize),
-        perturbation, perturb_scale, bool(perturb_before),
-    )
+    args = (x, clip, int(bits), bool(signed), bool(standardize),
+            perturbation, perturb_scale, bool(perturb_before))
+    if native is not None:
+        return native(*args, _validate.CHECK_VALUES)
+    return _liq_quantize(*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,12 +316,7 @@ def _call_list_op(op: str, custom_op, t: Tensor, *args):
     as much as the kernel itself; these ops run under no_grad on parameters between passes, so
     the direct call is equivalent there.
     """
-    if (
-        torch.compiler.is_compiling()
-        or _python_dispatch._get_current_dispatch_mode() is not None
-        or type(t) not in (Tensor, torch.nn.Parameter)
-        or torch.is_grad_enabled() and t.requires_grad
-    ):
+    if not _plain_eager(t) or torch.is_grad_enabled() and t.requires_grad:
         return custom_op(*args)
     return select(op, t.device.type, t.dtype)(*args)
 

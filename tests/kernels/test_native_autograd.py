@@ -1,0 +1,221 @@
+"""The native autograd fast path of the two quantizers (saq_C::*_autograd, csrc/autograd.cpp).
+
+In plain eager mode, with a native backend ("cpp" on the CPU, "cuda" on a GPU) selected,
+``saq_kernels.fake_quantize`` / ``liq_quantize`` skip the Python autograd formula of the "saq"
+custom ops and call one C++ op that runs the same kernels. Contract checked here:
+
+* it is taken exactly there (eager + native backend), and never under the reference backend or
+  fake tensors (torch.compile's path is covered by tests/kernels/test_compile.py);
+* outputs and every gradient (x, scale / zero point / clip, the perturbation e) are bitwise equal
+  to the custom op ``torch.ops.saq.<op>`` on the same backend, for fp32 / fp16 / bf16,
+  non-contiguous inputs, per tensor and per channel, every perturbation mode, e with and without
+  requires_grad;
+* the value check (scale / clip finite and > 0) raises the wrapper's message, and
+  ``saq_kernels.validate.CHECK_VALUES = False`` turns it off;
+* an extension built before these ops existed falls back to the custom op.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import saq_kernels as sk
+import saq_kernels.ops as ops
+from saq_kernels import validate
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+PERTURB = ["none", "after", "before", "probe"]
+
+
+def _devices():
+    out = ["cpu"]
+    out.append(pytest.param("cuda", marks=[pytest.mark.gpu]))
+    return out
+
+
+@pytest.fixture(params=_devices())
+def device(request):
+    backend = "cpp" if request.param == "cpu" else "cuda"
+    reason = sk.get_backend(backend).available()
+    if reason is not None:
+        pytest.skip(f"{backend} backend unavailable: {reason}")
+    if not hasattr(torch.ops.saq_C, "liq_quantize_autograd"):
+        pytest.skip("saq_kernels._C predates the native autograd ops: rebuild it")
+    with sk.use_backend(backend):
+        yield request.param
+
+
+def _rand(shape, dtype, device, seed, noncontig=False, scale=2.0):
+    gen = torch.Generator().manual_seed(seed)
+    if noncontig:
+        t = (torch.randn(tuple(reversed(shape)), generator=gen) * scale).permute(
+            *reversed(range(len(shape))))
+    else:
+        t = torch.randn(shape, generator=gen) * scale
+    return t.to(dtype=dtype, device=device)
+
+
+def _perturbation(kind, x, seed=7):
+    """(e, s, before); e requires grad (its gradient is compared too); "probe" is saq.SAQ's
+    ascent pass: a zero e with s = 1."""
+    if kind == "none":
+        return None, None, False
+    if kind == "probe":
+        return torch.zeros_like(x).requires_grad_(), torch.ones((), device=x.device), False
+    e = _rand(tuple(x.shape), x.dtype, x.device, seed, scale=0.5).requires_grad_()
+    return e, torch.tensor(0.05, device=x.device), kind == "before"
+
+
+def _bits(t):
+    ity = {4: torch.int32, 2: torch.int16, 8: torch.int64}[t.element_size()]
+    return t.detach().contiguous().view(ity)
+
+
+def _assert_bitwise(a, b, what):
+    assert (a is None) == (b is None), what
+    if a is None:
+        return
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    assert torch.equal(_bits(a), _bits(b)), f"{what}: not bitwise equal"
+
+
+def _run(fn, leaves, grad_seed=11):
+    """Forward, then backward of a fixed random cotangent; returns (y, grads of the leaves)."""
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None
+              for t in leaves]
+    y = fn(*leaves)
+    g = _rand(tuple(y.shape), y.dtype, y.device, grad_seed, scale=1.0)
+    wants = [t for t in leaves if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(y, wants, g)
+    it = iter(grads)
+    return y, y.grad_fn, [next(it) if t is not None and t.requires_grad else None for t in leaves]
+
+
+def _is_native(grad_fn) -> bool:
+    return grad_fn is not None and "QuantizeFunction" in grad_fn.name()
+
+
+# ----------------------------------------------------------------------------------------------
+# parity with the custom op
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("perturb", PERTURB)
+@pytest.mark.parametrize("axis", [None, 0, 1])
+@pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
+def test_fake_quantize_matches_the_custom_op(device, dtype, perturb, axis, noncontig):
+    x = _rand((13, 37), dtype, device, 1, noncontig).requires_grad_()
+    n = 1 if axis is None else x.shape[axis]
+    scale = (torch.rand(n, generator=torch.Generator().manual_seed(2)) * 0.3 + 0.05).to(device)
+    zp = (torch.randn(n, generator=torch.Generator().manual_seed(3)) * 2).to(device)
+    scale.requires_grad_(), zp.requires_grad_()
+    e, s, before = _perturbation(perturb, x)
+    args = (-8, 7, axis, 0.3)
+
+    def public(x, scale, zp, e, s):
+        return sk.fake_quantize(x, scale, zp, *args, e, s, before)
+
+    def custom(x, scale, zp, e, s):
+        return torch.ops.saq.fake_quantize(x, scale, zp, *args, e, s, before)
+
+    y1, fn1, g1 = _run(public, [x, scale, zp, e, s])
+    y2, fn2, g2 = _run(custom, [x, scale, zp, e, s])
+    assert _is_native(fn1) and not _is_native(fn2), (fn1, fn2)
+    _assert_bitwise(y1, y2, "y")
+    for name, a, b in zip(("dx", "dscale", "dzero_point", "de", "ds"), g1, g2):
+        _assert_bitwise(a, b, name)
+    if perturb == "probe":  # d(Q(x) + 1 * e)/de = dL/dy, exactly
+        assert g1[3] is not None and g1[3].dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("perturb", PERTURB)
+@pytest.mark.parametrize("signed,standardize", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
+def test_liq_quantize_matches_the_custom_op(device, dtype, perturb, signed, standardize, noncontig):
+    x = _rand((9, 4, 3, 5), dtype, device, 4, noncontig).requires_grad_()
+    clip = torch.tensor([-1.3 if signed else 1.7], device=device, requires_grad=True)
+    e, s, before = _perturbation(perturb, x)
+
+    def public(x, clip, e, s):
+        return sk.liq_quantize(x, clip, 3, signed, standardize, e, s, before)
+
+    def custom(x, clip, e, s):
+        return torch.ops.saq.liq_quantize(x, clip, 3, signed, standardize, e, s, before)
+
+    y1, fn1, g1 = _run(public, [x, clip, e, s])
+    y2, fn2, g2 = _run(custom, [x, clip, e, s])
+    assert _is_native(fn1) and not _is_native(fn2), (fn1, fn2)
+    _assert_bitwise(y1, y2, "y")
+    for name, a, b in zip(("dx", "dclip", "de", "ds"), g1, g2):
+        _assert_bitwise(a, b, name)
+
+
+def test_no_grad_and_frozen_inputs(device):
+    x = _rand((6, 10), torch.float32, device, 5)
+    clip = torch.tensor([1.0], device=device)
+    with torch.no_grad():
+        y = sk.liq_quantize(x, clip, 4, True, False)
+    assert y.grad_fn is None and not y.requires_grad
+    # only the clip learns: dx is computed by the kernel but not returned to a frozen x
+    clip.requires_grad_()
+    y = sk.liq_quantize(x, clip, 4, False, False)
+    assert _is_native(y.grad_fn)
+    (dclip,) = torch.autograd.grad(y.sum(), [clip])
+    assert dclip.shape == clip.shape and torch.isfinite(dclip).all()
+
+
+def test_inplace_change_after_forward_is_caught(device):
+    x = _rand((8, 8), torch.float32, device, 6).requires_grad_()
+    w = x * 1.0
+    y = sk.liq_quantize(w, torch.tensor([1.0], device=device), 4, True, True)
+    w.add_(1.0)  # the kernel's saved input changed: its backward would be wrong
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+# ----------------------------------------------------------------------------------------------
+# when the fast path is (not) taken
+# ----------------------------------------------------------------------------------------------
+def test_reference_backend_keeps_the_custom_op(device):
+    x = _rand((5, 6), torch.float32, device, 8).requires_grad_()
+    with sk.use_backend("reference"):
+        y = sk.liq_quantize(x, torch.tensor([1.0], device=device), 4, True, False)
+    assert y.grad_fn is not None and not _is_native(y.grad_fn)
+
+
+def test_fake_tensors_keep_the_custom_op(device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    clip = torch.tensor([1.0], device=device, requires_grad=True)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fx = mode.from_tensor(_rand((5, 6), torch.float32, device, 9)).requires_grad_()
+        fy = sk.liq_quantize(fx, clip, 4, True, False)
+    assert fy.shape == (5, 6) and not _is_native(fy.grad_fn)
+
+
+def test_stale_extension_falls_back_to_the_custom_op(device, monkeypatch):
+    monkeypatch.setitem(ops._NATIVE_AUTOGRAD, "liq_quantize", None)
+    x = _rand((5, 6), torch.float32, device, 10).requires_grad_()
+    y = sk.liq_quantize(x, torch.tensor([1.0], device=device), 4, True, False)
+    assert y.grad_fn is not None and not _is_native(y.grad_fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# value checks
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
+def test_bad_clip_and_scale_values_raise(device, bad, monkeypatch):
+    if device != "cpu":
+        pytest.skip("value checks read the tensor: CPU only (a GPU read would sync every step)")
+    x = _rand((4, 5), torch.float32, device, 12)
+    with pytest.raises(RuntimeError, match=r"saq::liq_quantize: 'clip' must be finite and \|clip\| > 0"):
+        sk.liq_quantize(x, torch.tensor([bad]), 4, True, False)
+    with pytest.raises(RuntimeError, match=r"saq::fake_quantize: 'scale' must be finite and scale > 0"):
+        sk.fake_quantize(x, torch.tensor([0.1, bad, 0.2, 0.3]), torch.zeros(4), -8, 7, 0)
+    # a negative LIQ clip is fine (|clip| is used), a negative LSQ scale is not
+    sk.liq_quantize(x, torch.tensor([-0.5]), 4, True, False)
+    with pytest.raises(RuntimeError, match="'scale' must be finite"):
+        sk.fake_quantize(x, torch.tensor([-0.1]), torch.zeros(1), -8, 7)
+    monkeypatch.setattr(validate, "CHECK_VALUES", False)
+    y = sk.liq_quantize(x, torch.tensor([bad]), 4, True, False)  # unchecked: runs
+    assert y.shape == x.shape
