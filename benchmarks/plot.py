@@ -157,8 +157,9 @@ def main(argv=None) -> int:
             color(p)
         written = quant_figs(plt, rows, slug, args.out)
         written += bar_fig(plt, rows, slug, args.out, SAM_OPS, "SAM ops", "sam", lambda r: r["shape"])
+        # the interleaved rows (same providers timed round-robin) get their own group of bars
         written += bar_fig(plt, rows, slug, args.out, ("train_step",), "train step", "train_step",
-                           lambda r: r["shape"])
+                           lambda r: r["shape"] + ("" if r["mode"] == "step" else f"\n{r['mode']}"))
         n += len(written)
     print(f"{n} plots in {args.out}")
     return 0

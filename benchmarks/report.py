@@ -119,8 +119,10 @@ def train_section(rows: List[dict]) -> str:
         return ""
     providers = sorted({r["provider"] for r in rows}, key=provider_rank)
     body = []
-    for key in sorted({(r["shape"], r["dtype"]) for r in rows}):
-        cell = {r["provider"]: r for r in rows if (r["shape"], r["dtype"]) == key}
+    # mode "step": each provider timed on its own; "step-interleaved": float / QAT / SAQ timed
+    # round-robin in the same rounds (the ratios to trust on a machine whose speed drifts)
+    for key in sorted({(r["shape"], r["dtype"], r["mode"]) for r in rows}):
+        cell = {r["provider"]: r for r in rows if (r["shape"], r["dtype"], r["mode"]) == key}
         base = _f(cell["float"]["median_ms"]) if "float" in cell else float("nan")
         line = list(key)
         for p in providers:
@@ -132,7 +134,7 @@ def train_section(rows: List[dict]) -> str:
             ratio = f" ({ms / base:.2f}x)" if base == base else ""
             line.append(f"{fmt_ms(ms)}{ratio}")
         body.append(line)
-    return "**train step** (ms, ratio to the float step)\n\n" + _table(["model/batch", "dtype"] + providers, body)
+    return "**train step** (ms, ratio to the float step)\n\n" + _table(["model/batch", "dtype", "mode"] + providers, body)
 
 
 def report(path: Path, ops: List[str]) -> str:
