@@ -15,7 +15,7 @@
 // ops.py calls them only in plain eager mode when the selected backend is "cpp" or "cuda"; under
 // torch.compile, export, fake tensors or any Python dispatch mode the "saq" custom ops (which have
 // fakes and a traceable autograd formula) stay the path. Double backward is not supported, as on
-// the Python path.
+// the Python path: a backward run with create_graph=True raises (check_no_double_backward).
 //
 // The value check of the Python wrapper (scale / clip finite and > 0, torch._assert_async) is done
 // here for CPU tensors when check_values is true (saq_kernels.validate.CHECK_VALUES), where reading
@@ -47,6 +47,15 @@ void check_positive(const char* op, const char* name, const Tensor& t, bool abso
                 " > 0, got a non-positive or non-finite value; re-initialize it (e.g. from the data "
                 "range) or lower the learning rate of the quantizer parameters");
   }
+}
+
+// The quantizers' backward has no derivative of its own (as on the custom-op path, which raises
+// when a second backward reaches it). Without this check the engine would run the backward ops
+// through the autograd fallback and return zero second derivatives with only a warning.
+void check_no_double_backward(const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), "saq::", op,
+              ": double backward (create_graph=True) is not supported: the quantizer's backward "
+              "has no derivative of its own; compute the gradient without create_graph");
 }
 
 Tensor opt_or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
@@ -98,6 +107,7 @@ struct LiqQuantizeFunction : public torch::autograd::Function<LiqQuantizeFunctio
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_no_double_backward("liq_quantize");
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &clip = saved[1], &e = saved[2], &s = saved[3];
     const bool before = ctx->saved_data["before"].toBool();
@@ -160,6 +170,7 @@ struct FakeQuantizeFunction : public torch::autograd::Function<FakeQuantizeFunct
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_no_double_backward("fake_quantize");
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &scale = saved[1], &zp = saved[2], &e = saved[3], &s = saved[4];
     const int64_t a = ctx->saved_data["axis"].toInt();

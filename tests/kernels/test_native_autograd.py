@@ -173,6 +173,36 @@ def test_inplace_change_after_forward_is_caught(device):
         y.sum().backward()
 
 
+def test_double_backward_raises_instead_of_returning_zeros(device):
+    x = _rand((6, 7), torch.float32, device, 13).requires_grad_()
+    clip = torch.tensor([1.0], device=device, requires_grad=True)
+    for fn in (lambda: sk.liq_quantize(x, clip, 4, False),
+               lambda: sk.fake_quantize(x, clip, torch.zeros(1, device=device), 0, 15)):
+        y = fn()
+        assert _is_native(y.grad_fn)
+        with pytest.raises(RuntimeError, match="double backward .create_graph=True. is not supported"):
+            torch.autograd.grad(y.square().sum(), [x], create_graph=True)
+        # first-order gradients are unaffected
+        (gx,) = torch.autograd.grad(fn().square().sum(), [x])
+        assert torch.isfinite(gx).all()
+
+
+def test_activation_checkpointing(device):
+    """Saved tensors go through saved-tensor hooks (torch.utils.checkpoint recomputes them)."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = _rand((16, 9), torch.float32, device, 14).requires_grad_()
+    clip = torch.tensor([0.8], device=device, requires_grad=True)
+
+    def block(t):
+        return sk.liq_quantize(torch.relu(t * 1.5), clip, 3, False).sin()
+
+    plain = torch.autograd.grad(block(x).sum(), [x, clip])
+    ckpt = torch.autograd.grad(checkpoint(block, x, use_reentrant=False).sum(), [x, clip])
+    for a, b in zip(plain, ckpt):
+        assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------------------------
 # when the fast path is (not) taken
 # ----------------------------------------------------------------------------------------------
