@@ -84,24 +84,27 @@ Tensor liq_forward(const Tensor& x, const Tensor& clip, int64_t bits, bool is_si
 
 std::tuple<Tensor, Tensor> liq_backward(const Tensor& grad, const Tensor& x, const Tensor& clip,
                                         int64_t bits, bool is_signed, bool standardize,
-                                        const OptTensor& e, const OptTensor& s, bool before) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("saq_C::liq_quantize_backward", "")
-          .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t,
-                                            bool, bool, const OptTensor&, const OptTensor&, bool)>();
-  return op.call(grad, x, clip, bits, is_signed, standardize, e, s, before);
+                                        const OptTensor& e, const OptTensor& s, bool before,
+                                        bool relu) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("saq_C::liq_quantize_backward", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                         const Tensor&, int64_t, bool, bool,
+                                                         const OptTensor&, const OptTensor&, bool,
+                                                         bool)>();
+  return op.call(grad, x, clip, bits, is_signed, standardize, e, s, before, relu);
 }
 
 struct LiqQuantizeFunction : public torch::autograd::Function<LiqQuantizeFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& clip, int64_t bits,
                         bool is_signed, bool standardize, const OptTensor& e, const OptTensor& s,
-                        bool before) {
+                        bool before, bool relu) {
     ctx->save_for_backward({x, clip, opt_or_undefined(e), opt_or_undefined(s)});
     ctx->saved_data["bits"] = bits;
     ctx->saved_data["signed"] = is_signed;
     ctx->saved_data["standardize"] = standardize;
     ctx->saved_data["before"] = before;
+    ctx->saved_data["relu"] = relu;
     at::AutoDispatchBelowADInplaceOrView guard;
     return liq_forward(x, clip, bits, is_signed, standardize, e, s, before);
   }
@@ -114,17 +117,19 @@ struct LiqQuantizeFunction : public torch::autograd::Function<LiqQuantizeFunctio
     auto [dx, dclip] =
         liq_backward(grads[0], x, clip, ctx->saved_data["bits"].toInt(),
                      ctx->saved_data["signed"].toBool(), ctx->saved_data["standardize"].toBool(),
-                     undefined_to_opt(e), undefined_to_opt(s), before);
+                     undefined_to_opt(e), undefined_to_opt(s), before,
+                     ctx->saved_data["relu"].toBool());
     Tensor de = perturbation_grad(ctx, /*edge of e after x, clip*/ 2, grads[0], dx, e, s, before);
-    return {dx, dclip.to(clip.scalar_type()), Tensor(), Tensor(), Tensor(), de, Tensor(), Tensor()};
+    return {dx,       dclip.to(clip.scalar_type()), Tensor(), Tensor(), Tensor(), de, Tensor(),
+            Tensor(), Tensor()};
   }
 };
 
 Tensor liq_quantize_autograd(const Tensor& x, const Tensor& clip, int64_t bits, bool is_signed,
                              bool standardize, const OptTensor& e, const OptTensor& s,
-                             bool before, bool check_values) {
+                             bool before, bool relu, bool check_values) {
   if (check_values) check_positive("liq_quantize", "clip", clip, /*absolute=*/true);
-  return LiqQuantizeFunction::apply(x, clip, bits, is_signed, standardize, e, s, before);
+  return LiqQuantizeFunction::apply(x, clip, bits, is_signed, standardize, e, s, before, relu);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -200,7 +205,8 @@ Tensor fake_quantize_autograd(const Tensor& x, const Tensor& scale, const Tensor
 TORCH_LIBRARY_FRAGMENT(saq_C, m) {
   m.def(
       "liq_quantize_autograd(Tensor x, Tensor clip, int bits, bool signed, bool standardize, "
-      "Tensor? perturbation, Tensor? perturb_scale, bool perturb_before, bool check_values) -> Tensor");
+      "Tensor? perturbation, Tensor? perturb_scale, bool perturb_before, bool relu, "
+      "bool check_values) -> Tensor");
   m.def(
       "fake_quantize_autograd(Tensor x, Tensor scale, Tensor zero_point, int quant_min, "
       "int quant_max, int? axis, float grad_factor, Tensor? perturbation, Tensor? perturb_scale, "

@@ -294,11 +294,14 @@ std::tuple<Tensor, Tensor> liq_quantize_backward(const Tensor& grad, const Tenso
                                                  bool standardize,
                                                  const std::optional<Tensor>& perturbation,
                                                  const std::optional<Tensor>& perturb_scale,
-                                                 bool perturb_before) {
+                                                 bool perturb_before, bool relu) {
   const char* op = "liq_quantize_backward";
+  TORCH_CHECK(!(relu && is_signed), "saq_C::", op,
+              ": relu=True needs an unsigned quantizer (signed=False)");
   const c10::cuda::CUDAGuard guard(x.device());
   LiqPrepared p = prepare_liq(op, x, clip, bits, is_signed, standardize, perturbation,
                               perturb_scale, perturb_before);
+  p.args.relu = relu;
   check_device(op, "grad", grad, x.device());
   check_same_shape(op, "grad", grad, x);
   TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "saq_C::", op, ": 'grad' has dtype ",

@@ -23,8 +23,8 @@ TORCH_LIBRARY(saq_C, m) {
       "Tensor? perturbation, Tensor? perturb_scale, bool perturb_before) -> Tensor");
   m.def(
       "liq_quantize_backward(Tensor grad, Tensor x, Tensor clip, int bits, bool signed, "
-      "bool standardize, Tensor? perturbation, Tensor? perturb_scale, bool perturb_before) "
-      "-> (Tensor, Tensor)");
+      "bool standardize, Tensor? perturbation, Tensor? perturb_scale, bool perturb_before, "
+      "bool relu=False) -> (Tensor, Tensor)");
   m.def(
       "grad_sq_norm(Tensor[] grads, Tensor[] params, bool[] adaptive, float eta) "
       "-> (Tensor, Tensor)");

@@ -14,7 +14,7 @@ from typing import Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .nn import QUANTIZERS, QConv2d, QLinear, QuantLayer
+from .nn import QUANTIZERS, QConv2d, QLinear, QuantLayer, fold_relus
 
 __all__ = ["quantize_model", "quantized_layers"]
 
@@ -67,6 +67,7 @@ def quantize_model(
     skip: Iterable[str] = (),
     standardize: bool = True,
     signed_activations: bool = False,
+    fold_relu: bool = True,
 ) -> nn.Module:
     """Replace every nn.Conv2d / nn.Linear of ``model`` (in place) by a quantized layer.
 
@@ -80,6 +81,10 @@ def quantize_model(
             by SAQ).
         standardize: LIQ weight standardization for convs (the reference's default).
         signed_activations: quantize layer inputs with a signed range (e.g. for transformers).
+        fold_relu: let quantized layers fed by a ReLU (as the model's ``relu_fed_layers()`` lists
+            them) apply it inside their unsigned LIQ quantizer, so the model skips the ReLU: the
+            same numbers (forward and gradients, exactly), one elementwise op fewer per layer.
+            See saq/nn/relu_fold.py. Models without ``relu_fed_layers`` are unaffected.
     Returns the same model object.
     """
     if quantizer not in QUANTIZERS:
@@ -102,4 +107,6 @@ def quantize_model(
         elif first_last_bits is not None and name == last:
             wb, ab = first_last_bits, first_last_bits
         _set(model, name, _convert(m, wb, ab, **kw))
+    if fold_relu:
+        fold_relus(model)
     return model

@@ -214,14 +214,17 @@ def _liq_quantize(
     perturbation: Optional[Tensor],
     perturb_scale: Optional[Tensor],
     perturb_before: bool,
+    relu: bool = False,
 ) -> Tensor:
+    # relu changes only the backward (Q(relu(x)) = Q(x) for an unsigned quantizer): the backends'
+    # forward takes the other arguments
     return _impl("liq_quantize", x)(
         x, clip, bits, signed, standardize, perturbation, perturb_scale, perturb_before
     )
 
 
 @_liq_quantize.register_fake
-def _(x, clip, bits, signed, standardize, e, s, before):
+def _(x, clip, bits, signed, standardize, e, s, before, relu=False):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -236,14 +239,15 @@ def _liq_quantize_backward(
     perturbation: Optional[Tensor],
     perturb_scale: Optional[Tensor],
     perturb_before: bool,
+    relu: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     return _impl("liq_quantize_backward", x)(
-        grad, x, clip, bits, signed, standardize, perturbation, perturb_scale, perturb_before
+        grad, x, clip, bits, signed, standardize, perturbation, perturb_scale, perturb_before, relu
     )
 
 
 @_liq_quantize_backward.register_fake
-def _(grad, x, clip, bits, signed, standardize, e, s, before):
+def _(grad, x, clip, bits, signed, standardize, e, s, before, relu=False):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(clip, dtype=torch.float32),
@@ -251,17 +255,17 @@ def _(grad, x, clip, bits, signed, standardize, e, s, before):
 
 
 def _liq_setup(ctx, inputs, output):
-    x, clip, bits, signed, standardize, e, s, before = inputs
+    x, clip, bits, signed, standardize, e, s, before, relu = inputs
     ctx.save_for_backward(x, clip, e, s)
-    ctx.args = (bits, signed, standardize, before)
+    ctx.args = (bits, signed, standardize, before, relu)
 
 
 def _liq_backward(ctx, grad):
     x, clip, e, s = ctx.saved_tensors
-    bits, signed, standardize, before = ctx.args
-    dx, dclip = _liq_quantize_backward(grad, x, clip, bits, signed, standardize, e, s, before)
+    bits, signed, standardize, before, relu = ctx.args
+    dx, dclip = _liq_quantize_backward(grad, x, clip, bits, signed, standardize, e, s, before, relu)
     de = _perturbation_grad(ctx, 5, grad, dx, e, s, before)
-    return dx, dclip.to(clip.dtype), None, None, None, de, None, None
+    return dx, dclip.to(clip.dtype), None, None, None, de, None, None, None
 
 
 _liq_quantize.register_autograd(_liq_backward, setup_context=_liq_setup)
@@ -276,6 +280,7 @@ def liq_quantize(
     perturbation: Optional[Tensor] = None,
     perturb_scale: Optional[Tensor] = None,
     perturb_before: bool = False,
+    relu: bool = False,
 ) -> Tensor:
     """The LIQ quantizer of the SAQ reference code (SAQ.md section 3), with its clip gradient.
 
@@ -285,10 +290,23 @@ def liq_quantize(
     Backward: straight-through inside the closed clip range; ``dy/dc = y/c - (xs/c) * inside``.
     ``bits == 32`` returns x unchanged (plus ``s*e`` if perturbed after). Perturbation as in
     :func:`fake_quantize`. x: fp32 / fp16 / bf16, any shape; clip: shape ``[1]`` or ``[]``.
+
+    ``relu=True`` (unsigned, unstandardized, unperturbed only) computes ``Q(relu(x))`` from the
+    pre-activation x, exactly: the forward is unchanged (the clamp at 0 already is the ReLU) and
+    the backward's range is open at 0 (``dx = g`` for ``0 < x``, ``r <= 1``), as ``relu'(0) = 0``.
+    A model drops its ReLU and saves that op's two passes over the activation.
     """
     op = "liq_quantize"
     check_float(op, "x", x)
+    if relu and (signed or standardize or perturbation is not None):
+        raise ValueError(
+            f"saq::{op}: relu=True folds a ReLU into an unsigned activation quantizer; it needs "
+            f"signed=False, standardize=False and no perturbation (got signed={signed}, "
+            f"standardize={standardize}, perturbation={'set' if perturbation is not None else None})"
+        )
     if check_bits(op, bits):
+        if relu:
+            return torch.relu(x)
         if perturbation is None:
             return x
         check_perturbation(op, x, perturbation, perturb_scale)
@@ -297,7 +315,7 @@ def liq_quantize(
     check_param(op, "clip", clip, x, None, positive=native is None, absolute=True)
     check_perturbation(op, x, perturbation, perturb_scale)
     args = (x, clip, int(bits), bool(signed), bool(standardize),
-            perturbation, perturb_scale, bool(perturb_before))
+            perturbation, perturb_scale, bool(perturb_before), bool(relu))
     if native is not None:
         return native(*args, _validate.CHECK_VALUES)
     return _liq_quantize(*args)

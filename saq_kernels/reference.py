@@ -221,11 +221,13 @@ def liq_quantize_backward(
     perturbation: Optional[Tensor],
     perturb_scale: Optional[Tensor],
     perturb_before: bool,
+    relu: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Gradients of :func:`liq_quantize` for x and clip (straight-through rounding).
 
     ``r = xs / c``; ``inside`` is the closed clip range (``-1 <= r <= 1`` signed, ``0 <= r <= 1``
-    unsigned); ``dx = g * inside`` (``/ std`` when standardized, statistics being constants);
+    unsigned; with ``relu``, unsigned only, ``x > 0 and r <= 1``: the quantizer absorbs a ReLU
+    applied before it, ``Q(relu(x)) = Q(x)``, and ``relu'(x) = (x > 0)``); ``dx = g * inside`` (``/ std`` when standardized, statistics being constants);
     ``dclip = sum(g * (y/c - r * inside)) * sign(clip)`` where y is the unperturbed quantizer output
     (``+-1`` per element outside the range). Returns ``(dx [x.dtype], dclip [fp32, clip's shape])``.
     """
@@ -237,7 +239,7 @@ def liq_quantize_backward(
     g = grad.to(xf.dtype)
     y, r = _liq_forward_fp32(xf, c, bits, signed)
     lo = -1.0 if signed else 0.0
-    inside = (r >= lo) & (r <= 1.0)
+    inside = ((xf > 0) if relu and not signed else (r >= lo)) & (r <= 1.0)
     dx = torch.where(inside, g, torch.zeros_like(g))
     if std is not None:
         dx = dx / std

@@ -111,11 +111,14 @@ SAQ_HD float liq_forward(float xs, float c, float n, bool is_signed) {
 
 // dx (before the 1/std of standardization) and the per-element clip-gradient term
 // g * (y/c - r * inside); the caller multiplies the clip sum by sign(clip).
+// relu (unsigned only): the quantizer absorbs a ReLU applied before it, Q(relu(x)) = Q(x), so the
+// lower end of the straight-through range is open, x > 0, as relu'(x) = (x > 0): the gradients
+// then equal those of relu followed by the quantizer exactly, x = 0 included.
 SAQ_HD void liq_backward(float xs, float g, float c, float n, bool is_signed, float* dx,
-                         float* dclip) {
+                         float* dclip, bool relu = false) {
   float r = xs / c;
   float lo = is_signed ? -1.0f : 0.0f;
-  bool inside = (r >= lo) && (r <= 1.0f);
+  bool inside = (relu ? xs > 0.0f : r >= lo) && (r <= 1.0f);
   float y = liq_forward(xs, c, n, is_signed);
   *dx = inside ? g : 0.0f;
   *dclip = g * (y / c - (inside ? r : 0.0f));

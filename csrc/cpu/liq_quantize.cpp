@@ -80,7 +80,7 @@ SAQ_CLONES void fwd_kernel(const float* x, const float* e, float s, int mode, fl
 // dx (/ std when standardized), and the clip-gradient terms summed into kLanes double
 // accumulators (lane l takes the elements i = l mod kLanes, in order), fused as in
 // fake_quantize's backward.
-template <bool BEFORE, bool STD, bool SIGNED>
+template <bool BEFORE, bool STD, bool SIGNED, bool RELU>
 SAQ_INLINE void bwd_loop(const float* __restrict x, const float* __restrict e, float s,
                          const float* __restrict g, float* __restrict dx, int64_t n, float c,
                          float levels, float mean, float std, double* lanes) {
@@ -88,36 +88,39 @@ SAQ_INLINE void bwd_loop(const float* __restrict x, const float* __restrict e, f
     const float xp = perturbed<BEFORE>(x, e, s, i);
     const float xs = STD ? (xp - mean) / std : xp;
     float d, t;
-    saq::liq_backward(xs, g[i], c, levels, SIGNED, &d, &t);
+    saq::liq_backward(xs, g[i], c, levels, SIGNED, &d, &t, RELU);
     dx[i] = STD ? d / std : d;
     return static_cast<double>(t);
   });
 }
 
+// relu is only ever set for unsigned quantizers (the Python wrapper refuses it otherwise).
 template <bool BEFORE, bool STD>
 SAQ_INLINE void bwd_signs(const float* x, const float* e, float s, const float* g, float* dx,
-                          int64_t n, float c, float levels, bool is_signed, float mean, float std,
-                          double* lanes) {
+                          int64_t n, float c, float levels, bool is_signed, bool relu, float mean,
+                          float std, double* lanes) {
   if (is_signed) {
-    bwd_loop<BEFORE, STD, true>(x, e, s, g, dx, n, c, levels, mean, std, lanes);
+    bwd_loop<BEFORE, STD, true, false>(x, e, s, g, dx, n, c, levels, mean, std, lanes);
+  } else if (relu) {
+    bwd_loop<BEFORE, STD, false, true>(x, e, s, g, dx, n, c, levels, mean, std, lanes);
   } else {
-    bwd_loop<BEFORE, STD, false>(x, e, s, g, dx, n, c, levels, mean, std, lanes);
+    bwd_loop<BEFORE, STD, false, false>(x, e, s, g, dx, n, c, levels, mean, std, lanes);
   }
 }
 
 SAQ_CLONES void bwd_kernel(const float* x, const float* e, float s, bool before, const float* g,
-                           float* dx, int64_t n, float c, float levels, bool is_signed,
+                           float* dx, int64_t n, float c, float levels, bool is_signed, bool relu,
                            bool standardize, float mean, float std, double* lanes) {
   if (before) {
     if (standardize) {
-      bwd_signs<true, true>(x, e, s, g, dx, n, c, levels, is_signed, mean, std, lanes);
+      bwd_signs<true, true>(x, e, s, g, dx, n, c, levels, is_signed, relu, mean, std, lanes);
     } else {
-      bwd_signs<true, false>(x, e, s, g, dx, n, c, levels, is_signed, mean, std, lanes);
+      bwd_signs<true, false>(x, e, s, g, dx, n, c, levels, is_signed, relu, mean, std, lanes);
     }
   } else if (standardize) {
-    bwd_signs<false, true>(x, e, s, g, dx, n, c, levels, is_signed, mean, std, lanes);
+    bwd_signs<false, true>(x, e, s, g, dx, n, c, levels, is_signed, relu, mean, std, lanes);
   } else {
-    bwd_signs<false, false>(x, e, s, g, dx, n, c, levels, is_signed, mean, std, lanes);
+    bwd_signs<false, false>(x, e, s, g, dx, n, c, levels, is_signed, relu, mean, std, lanes);
   }
 }
 
@@ -267,8 +270,9 @@ at::Tensor liq_quantize(const at::Tensor& x, const at::Tensor& clip, int64_t bit
 std::tuple<at::Tensor, at::Tensor> liq_quantize_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& clip, int64_t bits,
     bool is_signed, bool standardize, const std::optional<at::Tensor>& perturbation,
-    const std::optional<at::Tensor>& perturb_scale, bool perturb_before) {
+    const std::optional<at::Tensor>& perturb_scale, bool perturb_before, bool relu) {
   const char* op = "saq_C::liq_quantize_backward";
+  TORCH_CHECK(!(relu && is_signed), op, ": relu=True needs an unsigned quantizer (signed=False)");
   check_compute_input(op, "x", x);
   check_float_cpu(op, "grad", grad);
   TORCH_CHECK(grad.sizes() == x.sizes(), op, ": 'grad' has shape ", grad.sizes(), " but x has ",
@@ -302,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor> liq_quantize_backward(
         const int64_t n = std::min(kTile, len - off), o = start + off;
         float* dxf = out_ptr(dxout, o, bdx);
         bwd_kernel(load(xin, o, n, bx), load(ein, o, n, be), pert.s, before, load(gin, o, n, bg),
-                   dxf, n, ci.c, ci.levels, is_signed, st.on, st.mean, st.std, lanes);
+                   dxf, n, ci.c, ci.levels, is_signed, relu, st.on, st.mean, st.std, lanes);
         commit(dxout, o, n, bdx);
       }
       part[k] = lane_total(lanes);

@@ -37,7 +37,7 @@ at::Tensor liq_quantize(const at::Tensor& x, const at::Tensor& clip, int64_t bit
 std::tuple<at::Tensor, at::Tensor> liq_quantize_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& clip, int64_t bits,
     bool is_signed, bool standardize, const std::optional<at::Tensor>& perturbation,
-    const std::optional<at::Tensor>& perturb_scale, bool perturb_before);
+    const std::optional<at::Tensor>& perturb_scale, bool perturb_before, bool relu);
 
 // csrc/cpu/sam.cpp
 std::tuple<at::Tensor, at::Tensor> grad_sq_norm(at::TensorList grads, at::TensorList params,

@@ -65,6 +65,7 @@ struct LiqArgs {
   const float* clip = nullptr;         // one fp32 on the device; c = |clip|
   int bits = 4;                        // n = 2^bits - 1 levels
   bool is_signed = true;
+  bool relu = false;                   // unsigned, backward only: Q absorbs a ReLU (dx = 0 for x <= 0)
   bool standardize = false;            // (x - mean) / std over the whole tensor, unbiased std
   const void* perturbation = nullptr;
   bool perturbation_fp32 = false;

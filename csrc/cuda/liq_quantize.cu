@@ -27,6 +27,7 @@ struct LiqKernelArgs {
   float levels;        // 2^bits - 1
   int mode;
   bool is_signed;
+  bool relu;  // unsigned only: absorbed ReLU, open lower end of the backward's range
   bool standardize;
 };
 
@@ -166,7 +167,7 @@ __global__ void __launch_bounds__(kThreads, detail::kMinBlocks)
     float xs = liq_input(x, e, s, a.mode);
     if (a.standardize) xs = (xs - mean) / stdv;
     float d, dc;
-    saq::liq_backward(xs, gv, c, a.levels, a.is_signed, &d, &dc);
+    saq::liq_backward(xs, gv, c, a.levels, a.is_signed, &d, &dc, a.relu);
     acc += dc;
     return a.standardize ? d / stdv : d;  // statistics are constants of the backward
   };
@@ -263,6 +264,7 @@ LiqKernelArgs kernel_args(const LiqArgs& a, const Workspace& w, bool backward) {
   k.n = a.numel;
   k.levels = static_cast<float>((1 << a.bits) - 1);
   k.is_signed = a.is_signed;
+  k.relu = a.relu;
   k.standardize = a.standardize;
   if (a.perturbation == nullptr) {
     k.mode = kNoPerturb;

@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from ..nn.relu_fold import relu_unless_absorbed
+
 __all__ = ["DigitsCNN", "digits_cnn"]
 
 
@@ -30,9 +32,13 @@ class DigitsCNN(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def relu_fed_layers(self):
+        """Layers that alone read a ReLU's output (saq/nn/relu_fold.py)."""
+        return ["conv2", "conv3"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.conv2(x)))
+        x = relu_unless_absorbed(self.bn1(self.conv1(x)), self.relu, self.conv2)
+        x = relu_unless_absorbed(self.bn2(self.conv2(x)), self.relu, self.conv3)
         x = self.relu(self.bn3(self.conv3(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
 

@@ -6,6 +6,8 @@ Parameter names follow the SAQ reference code (``conv``, ``layer{1,2,3}.{i}.bn1/
 import torch
 from torch import nn
 
+from ..nn.relu_fold import relu_unless_absorbed
+
 __all__ = ["PreActBasicBlock", "PreActResNet", "preact_resnet20"]
 
 
@@ -37,15 +39,30 @@ class PreActBasicBlock(nn.Module):
         if stride != 1 or cin != cout:
             self.downsample = nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False)
 
+    def relu_fed_layers(self):
+        """The layers that alone read a ReLU's output (saq/nn/relu_fold.py): conv2; conv1 (and
+        the downsample) unless that ReLU's output is also the shortcut."""
+        names = ["conv2"]
+        if not self.shortcut_after_preact:
+            names.append("conv1")
+        elif self.downsample is not None:
+            names += ["conv1", "downsample"]
+        return names
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # relu_unless_absorbed: the ReLU is skipped where the quantized layers reading its output
+        # apply it themselves (quantize_model's fold_relu); the numbers are the same.
         if self.shortcut_after_preact:
-            x = self.relu1(self.bn1(x))
+            if self.downsample is None:  # the ReLU's output is the shortcut too
+                x = self.relu1(self.bn1(x))
+            else:
+                x = relu_unless_absorbed(self.bn1(x), self.relu1, self.conv1, self.downsample)
             residual = x
         else:
             residual = x
             # Not in place: x is also the shortcut.
-            x = torch.relu(self.bn1(x))
-        out = self.conv2(self.relu2(self.bn2(self.conv1(x))))
+            x = relu_unless_absorbed(self.bn1(x), torch.relu, self.conv1)
+        out = self.conv2(relu_unless_absorbed(self.bn2(self.conv1(x)), self.relu2, self.conv2))
         if self.downsample is not None:
             residual = self.downsample(residual)
         return out + residual
@@ -86,6 +103,11 @@ class PreActResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def relu_fed_layers(self):
+        """Module names of the layers that alone read a ReLU's output (saq/nn/relu_fold.py)."""
+        return [f"layer{k}.{i}.{n}" for k in (1, 2, 3)
+                for i, blk in enumerate(getattr(self, f"layer{k}")) for n in blk.relu_fed_layers()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)

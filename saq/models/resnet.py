@@ -8,6 +8,8 @@ from typing import List, Type, Union
 import torch
 from torch import nn
 
+from ..nn.relu_fold import relu_unless_absorbed
+
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet50"]
 
 
@@ -33,9 +35,13 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
+    def relu_fed_layers(self):
+        """Layers that alone read a ReLU's output (saq/nn/relu_fold.py)."""
+        return ["conv2"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = relu_unless_absorbed(self.bn1(self.conv1(x)), self.relu, self.conv2)
         out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
 
@@ -59,10 +65,14 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
+    def relu_fed_layers(self):
+        """Layers that alone read a ReLU's output (saq/nn/relu_fold.py)."""
+        return ["conv2", "conv3"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = relu_unless_absorbed(self.bn1(self.conv1(x)), self.relu, self.conv2)
+        out = relu_unless_absorbed(self.bn2(self.conv2(out)), self.relu, self.conv3)
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
 
@@ -112,6 +122,11 @@ class ResNet(nn.Module):
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
+
+    def relu_fed_layers(self):
+        """Module names of the layers that alone read a ReLU's output (saq/nn/relu_fold.py)."""
+        return [f"layer{k}.{i}.{n}" for k in (1, 2, 3, 4)
+                for i, blk in enumerate(getattr(self, f"layer{k}")) for n in blk.relu_fed_layers()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

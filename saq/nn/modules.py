@@ -70,6 +70,8 @@ class QuantLayer:
         self.per_channel = per_channel
         self.standardize = standardize
         self.signed_activations = signed_activations
+        # The layer computes layer(relu(x)) itself (saq/nn/relu_fold.py); set by quantize_model.
+        self.input_relu = False
         dev = dict(device=self.weight.device, dtype=self.weight.dtype)
         if quantizer == "liq":
             init = 1.0 if isinstance(self, nn.Conv2d) else 2.0  # the reference code's constructors
@@ -160,13 +162,18 @@ class QuantLayer:
         return dorefa_weight(w, b, e, s, before)
 
     def quantize_input(self, x: Tensor) -> Tensor:
-        """The fake-quantized layer input (identity when ``bits_activations == 32``)."""
+        """The fake-quantized layer input (identity when ``bits_activations == 32``), of
+        ``relu(x)`` when ``input_relu`` (folded into an unsigned LIQ quantizer, else applied first)."""
         b = self.bits_activations
+        q = self.quantizer
+        fold = self.input_relu and q == "liq" and not self.signed_activations
+        if self.input_relu and (b == 32 or not fold):
+            x = torch.relu(x)
         if b == 32:
             return x
-        q = self.quantizer
         if q == "liq":
-            return sk.liq_quantize(x, self.activation_clip_value, b, self.signed_activations, False)
+            return sk.liq_quantize(x, self.activation_clip_value, b, self.signed_activations, False,
+                                   relu=fold)
         if q in ("lsq", "lsq+"):
             qmin, qmax = self._lsq_range(b, self.signed_activations)
             gf = 1.0 / math.sqrt(x[0].numel() * qmax) if x.dim() > 1 else 1.0 / math.sqrt(x.numel() * qmax)
@@ -212,12 +219,13 @@ class QuantLayer:
 
     def _maybe_init(self, x: Tensor) -> None:
         if not self.quant_initialized and self.training:
-            self._init_from_data(x)
+            self._init_from_data(torch.relu(x) if self.input_relu else x)
 
     def quant_repr(self) -> str:
         return (
             f"bits_weights={self.bits_weights}, bits_activations={self.bits_activations}, "
             f"quantizer={self.quantizer}" + (", per_channel=True" if self.per_channel else "")
+            + (", input_relu=True" if self.input_relu else "")
         )
 
 

@@ -159,6 +159,7 @@ def _liq_quantize_fwd_kernel(
 def _liq_quantize_bwd_block(
     g_ptr, x_ptr, e_ptr, s_ptr, clip_ptr, stats_ptr, dx_ptr, offs, mask, n_levels, inv_n,
     SIGNED: tl.constexpr, STANDARDIZE: tl.constexpr, HAS_E: tl.constexpr, BEFORE: tl.constexpr,
+    RELU: tl.constexpr,
 ):
     """Writes dx for the block and returns its partial sum of the clip gradient."""
     xf, se = _load_input(x_ptr, e_ptr, s_ptr, offs, mask, HAS_E, BEFORE)
@@ -171,6 +172,8 @@ def _liq_quantize_bwd_block(
     y, r = _liq_math(xf, c, n_levels, inv_n, SIGNED)
     if SIGNED:
         inside = (r >= -1.0) & (r <= 1.0)
+    elif RELU:  # absorbed ReLU: open lower end, relu'(x) = (x > 0)
+        inside = (xf > 0.0) & (r <= 1.0)
     else:
         inside = (r >= 0.0) & (r <= 1.0)
     dx = tl.where(inside, g, 0.0)
@@ -185,7 +188,7 @@ def _liq_quantize_bwd_block(
 def _liq_quantize_bwd_kernel(
     g_ptr, x_ptr, e_ptr, s_ptr, clip_ptr, stats_ptr, dx_ptr, part_ptr, N, n_levels, inv_n,
     SIGNED: tl.constexpr, STANDARDIZE: tl.constexpr, HAS_E: tl.constexpr, BEFORE: tl.constexpr,
-    IDX64: tl.constexpr, BLOCK: tl.constexpr,
+    RELU: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if IDX64:
@@ -195,11 +198,11 @@ def _liq_quantize_bwd_kernel(
     if start + BLOCK <= N:  # full block: unmasked, vectorized
         part = _liq_quantize_bwd_block(g_ptr, x_ptr, e_ptr, s_ptr, clip_ptr, stats_ptr, dx_ptr,
                                        offs, None, n_levels, inv_n, SIGNED, STANDARDIZE, HAS_E,
-                                       BEFORE)
+                                       BEFORE, RELU)
     else:
         part = _liq_quantize_bwd_block(g_ptr, x_ptr, e_ptr, s_ptr, clip_ptr, stats_ptr, dx_ptr,
                                        offs, offs < N, n_levels, inv_n, SIGNED, STANDARDIZE, HAS_E,
-                                       BEFORE)
+                                       BEFORE, RELU)
     tl.store(part_ptr + pid, part)
 
 
@@ -283,8 +286,10 @@ def liq_quantize_bwd(
     perturbation: Optional[Tensor],
     perturb_scale: Optional[Tensor],
     perturb_before: bool,
+    relu: bool = False,
 ) -> Tuple[Tensor, Tensor]:
-    """Launch the LIQ backward; returns ``(dx [x.dtype, contiguous], dclip [fp32, clip's shape])``."""
+    """Launch the LIQ backward; returns ``(dx [x.dtype, contiguous], dclip [fp32, clip's shape])``.
+    ``relu`` (unsigned only): the quantizer absorbs a ReLU before it (dx = 0 where x <= 0)."""
     xc, e, s, c = _inputs(x, clip, perturbation, perturb_scale)
     gc = grad.contiguous()
     dx = torch.empty_like(xc)
@@ -300,7 +305,7 @@ def liq_quantize_bwd(
     _liq_quantize_bwd_kernel[(p,)](
         gc, xc, e, s, c, stats, dx, part, n, n_levels, inv_n,
         SIGNED=bool(signed), STANDARDIZE=bool(standardize), HAS_E=has_e, BEFORE=before,
-        IDX64=needs_int64(n), BLOCK=BLOCK, **launch_options(),
+        RELU=bool(relu) and not signed, IDX64=needs_int64(n), BLOCK=BLOCK, **launch_options(),
     )
     dclip = part.sum() * torch.sign(c)
     return dx, dclip.reshape(clip.shape)
@@ -313,7 +318,7 @@ def liq_quantize(x, clip, bits, signed, standardize, perturbation, perturb_scale
 
 
 def liq_quantize_backward(grad, x, clip, bits, signed, standardize, perturbation, perturb_scale,
-                          perturb_before):
+                          perturb_before, relu=False):
     """``saq::liq_quantize_backward`` on the Triton backend (positional signature of saq_kernels/OPS.md)."""
     return liq_quantize_bwd(grad, x, clip, bits, signed, standardize, perturbation, perturb_scale,
-                            perturb_before)
+                            perturb_before, relu)

@@ -113,7 +113,7 @@ def register_fakes() -> None:
         return _like(x)
 
     @reg("saq_C::liq_quantize_backward")
-    def _(grad, x, clip, bits, signed, standardize, e, s, before):
+    def _(grad, x, clip, bits, signed, standardize, e, s, before, relu=False):
         return _like(x), _f32(clip)
 
     @reg("saq_C::grad_sq_norm")

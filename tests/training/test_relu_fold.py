@@ -1,0 +1,124 @@
+"""quantize_model(fold_relu=True): quantized layers absorb the ReLU before them.
+
+The folded model must compute the same numbers as the unfolded one, bit for bit: losses, every
+gradient, and the parameters after QAT (SGD) and SAQ (Case 3) steps. BatchNorm channels with zero
+weight and bias put exact zeros in front of the quantizers, where a naive fold (closed STE range)
+would pass gradients that relu'(0) = 0 stops.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import saq
+import saq_kernels as sk
+from saq.models import get_model
+from saq.nn import QLinear
+
+CASES = {  # model, input shape, classes
+    "preact_resnet20": ((8, 3, 32, 32), 10),
+    "digits_cnn": ((16, 1, 8, 8), 10),
+    "resnet18": ((2, 3, 64, 64), 10),
+}
+
+
+def _pair(name, **kw):
+    torch.manual_seed(0)
+    base = get_model(name, num_classes=CASES[name][1])
+    for m in base.modules():  # exact zeros after these BN channels
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight[0] = 0.0
+                m.bias[0] = 0.0
+    plain = saq.quantize_model(copy.deepcopy(base), 4, 4, "liq", fold_relu=False, **kw)
+    folded = saq.quantize_model(copy.deepcopy(base), 4, 4, "liq", **kw)
+    return plain, folded
+
+
+def _batch(name, seed=1):
+    shape, classes = CASES[name]
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen), torch.randint(0, classes, (shape[0],), generator=gen)
+
+
+def _folded_names(model):
+    return [n for n, layer in saq.quantized_layers(model) if layer.input_relu]
+
+
+def test_which_layers_fold():
+    _, folded = _pair("preact_resnet20")
+    names = _folded_names(folded)
+    # every conv2, conv1 of the blocks whose ReLU output is not the shortcut, the two
+    # downsample convs with their conv1; never layer1.0.conv1 (its ReLU output is the shortcut),
+    # the first conv (float input) or fc (after the pool)
+    assert len(names) == 19
+    assert "layer1.0.conv1" not in names and "conv" not in names and "fc" not in names
+    assert {"layer2.0.conv1", "layer2.0.downsample", "layer3.2.conv1"} <= set(names)
+    assert _folded_names(_pair("digits_cnn")[1]) == ["conv2", "conv3"]
+    assert len(_folded_names(_pair("resnet18")[1])) == 8
+    assert "input_relu=True" in repr(folded.get_submodule("layer1.0.conv2"))
+
+
+def test_fold_only_where_it_is_free():
+    assert _folded_names(_pair("preact_resnet20")[0]) == []  # fold_relu=False
+    torch.manual_seed(0)
+    m = saq.quantize_model(get_model("preact_resnet20", num_classes=10), 4, 4, "lsq")
+    assert _folded_names(m) == []
+    m = saq.quantize_model(get_model("preact_resnet20", num_classes=10), 4, 4, "liq", signed_activations=True)
+    assert _folded_names(m) == []
+    m = saq.quantize_model(get_model("mobilenetv2_cifar", num_classes=10), 4, 4, "liq")  # no relu_fed_layers
+    assert _folded_names(m) == []
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_qat_steps_bitwise_equal(name, backend):
+    plain, folded = _pair(name)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (plain, folded)]
+    x, y = _batch(name)
+    ctx = sk.use_backend(backend) if backend else torch.enable_grad()
+    with ctx:
+        for _ in range(2):
+            losses = []
+            for m, opt in zip((plain, folded), opts):
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(m(x), y)
+                loss.backward()
+                losses.append(loss)
+            assert torch.equal(losses[0], losses[1])
+            for (n, p), (_, q) in zip(plain.named_parameters(), folded.named_parameters()):
+                assert (p.grad is None) == (q.grad is None), n
+                if p.grad is not None:
+                    assert torch.equal(p.grad, q.grad), f"{name}: grad of {n} differs"
+            for opt in opts:
+                opt.step()
+
+
+def test_saq_steps_bitwise_equal():
+    plain, folded = _pair("preact_resnet20")
+    x, y = _batch("preact_resnet20")
+    opts = [saq.SAQ(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), rho=0.1, case=3)
+            for m in (plain, folded)]
+    for _ in range(3):
+        for m, opt in zip((plain, folded), opts):
+            def closure(m=m):
+                loss = F.cross_entropy(m(x), y)
+                loss.backward()
+                return loss
+            opt.zero_grad(set_to_none=True)
+            opt.step(closure)
+    for (n, p), (_, q) in zip(plain.named_parameters(), folded.named_parameters()):
+        assert torch.equal(p, q), f"parameter {n} differs after SAQ steps"
+
+
+def test_first_batch_init_sees_the_relu_output():
+    torch.manual_seed(0)
+    layer = QLinear(6, 3, bits_weights=4, bits_activations=4, quantizer="liq")
+    layer.input_relu = True
+    x = torch.tensor([[-50.0, 1.0, 2.0, -3.0, 0.5, 4.0]])
+    layer(x)
+    # the reference init is 0.8 * max|input| of what the layer quantizes: relu(x), not x
+    assert torch.allclose(layer.activation_clip_value, torch.tensor([0.8 * 4.0]))
