@@ -161,13 +161,19 @@ class QuantLayer:
             return sk.fake_quantize(w, self.weight_scale, self.weight_zero_point, qmin, qmax, axis, gf, e, s, before)
         return dorefa_weight(w, b, e, s, before)
 
+    @property
+    def relu_foldable(self) -> bool:
+        """An unsigned LIQ input quantizer, whose clamp at 0 is a ReLU: ``input_relu`` costs it
+        nothing (saq/nn/relu_fold.py)."""
+        return self.quantizer == "liq" and not self.signed_activations and self.bits_activations != 32
+
     def quantize_input(self, x: Tensor) -> Tensor:
         """The fake-quantized layer input (identity when ``bits_activations == 32``), of
         ``relu(x)`` when ``input_relu`` (folded into an unsigned LIQ quantizer, else applied first)."""
         b = self.bits_activations
         q = self.quantizer
-        fold = self.input_relu and q == "liq" and not self.signed_activations
-        if self.input_relu and (b == 32 or not fold):
+        fold = self.input_relu and self.relu_foldable
+        if self.input_relu and not fold:
             x = torch.relu(x)
         if b == 32:
             return x

@@ -41,8 +41,7 @@ def fold_relus(model: nn.Module) -> List[str]:
     folded = []
     for name in names():
         layer = model.get_submodule(name)
-        if (isinstance(layer, QuantLayer) and layer.quantizer == "liq"
-                and not layer.signed_activations and layer.bits_activations != 32):
+        if isinstance(layer, QuantLayer) and layer.relu_foldable:
             layer.input_relu = True
             folded.append(name)
     return folded

@@ -122,3 +122,30 @@ def test_first_batch_init_sees_the_relu_output():
     layer(x)
     # the reference init is 0.8 * max|input| of what the layer quantizes: relu(x), not x
     assert torch.allclose(layer.activation_clip_value, torch.tensor([0.8 * 4.0]))
+
+
+@pytest.mark.parametrize("quantizer,signed,abits", [("lsq", False, 4), ("pact", False, 4), ("liq", True, 4),
+                                                    ("liq", False, 32), ("liq", False, 4)])
+def test_input_relu_is_layer_of_relu_for_every_quantizer(quantizer, signed, abits):
+    """input_relu on any layer means layer(relu(x)): folded where foldable, applied otherwise."""
+    from saq.nn import QConv2d
+
+    torch.manual_seed(0)
+    a = QConv2d(3, 4, 3, padding=1, bits_weights=4, bits_activations=abits, quantizer=quantizer,
+                signed_activations=signed)
+    b = copy.deepcopy(a)
+    b.input_relu = True
+    assert b.relu_foldable == (quantizer == "liq" and not signed and abits != 32)
+    x0 = torch.randn(2, 3, 6, 6)
+    x0[0, 0] = 0.0
+    xa, xb = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    ya, yb = a(torch.relu(xa)), b(xb)
+    assert torch.equal(ya, yb)
+    g = torch.randn_like(ya)
+    pa = [p for p in a.parameters() if p.requires_grad]
+    pb = [p for p in b.parameters() if p.requires_grad]
+    ga = torch.autograd.grad(ya, [xa] + pa, g, allow_unused=True)
+    gb = torch.autograd.grad(yb, [xb] + pb, g, allow_unused=True)
+    assert ga[0] is not None
+    for u, v in zip(ga, gb):
+        assert (u is None) == (v is None) and (u is None or torch.equal(u, v))
