@@ -10,6 +10,7 @@ and the op contract's exactness is defined for fp32 / fp16 / bf16 inputs.
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 from . import Backend, register_backend
@@ -27,6 +28,8 @@ _FLOAT64 = (
     "float64; use the 'reference' or 'cpp' backend for float64"
 )
 _interpreted: Optional[bool] = None
+_interpreter_problem: Optional[str] = None
+_interpreter_checked = False
 
 
 def _probe() -> Optional[str]:
@@ -47,6 +50,34 @@ def _kernels_interpreted() -> bool:
     return _interpreted
 
 
+def _check_interpreter() -> Optional[str]:
+    """Why this triton's interpreter cannot run the kernels here, or None.
+
+    Triton's interpreter before 3.7 turns a runtime scalar (a loop's trip count, say) into a
+    Python int with ``int(array_of_one_element)``; numpy deprecated that in 1.25 and newer numpy
+    raises TypeError, so every kernel with such a loop fails mid-run. Checked once, by trying the
+    same conversion, so the registry can say so instead of failing inside a kernel.
+    """
+    global _interpreter_problem, _interpreter_checked
+    if not _interpreter_checked:
+        _interpreter_checked = True
+        import numpy as np
+        import triton
+
+        try:
+            int(np.ones(1, dtype=np.int32))
+        except TypeError:
+            version = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
+            if version < (3, 7):
+                _interpreter_problem = (
+                    f"triton {triton.__version__}'s interpreter converts 1-element arrays with "
+                    f"int(), which numpy {np.__version__} refuses, so the Triton kernels cannot "
+                    "run on the CPU here; pip install 'triton>=3.7' (or 'numpy<2.4') for "
+                    "TRITON_INTERPRET=1 (CUDA tensors are not affected)"
+                )
+    return _interpreter_problem
+
+
 def _supports(op: str, device_type: str, dtype) -> Optional[str]:
     if dtype is not None and str(dtype) == "torch.float64":
         return _FLOAT64
@@ -57,7 +88,7 @@ def _supports(op: str, device_type: str, dtype) -> Optional[str]:
             return _NEED_DEVICE
         if not _kernels_interpreted():
             return _NOT_INTERPRETED
-        return None
+        return _check_interpreter()
     return f"Triton kernels do not run on device type '{device_type}'; {_NEED_DEVICE}"
 
 

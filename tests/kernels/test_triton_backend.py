@@ -567,18 +567,32 @@ def test_table_cache_follows_new_tensors(monkeypatch):
 # compiled for the GPU without a GPU: sm_90 PTX of representative kernel variants
 # ----------------------------------------------------------------------------------------------
 _PTX_CHECK = r"""
-import sys
+import os, re, subprocess, sys, tempfile
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from saq_kernels._triton import fake_quantize as F, liq_quantize as L, sam as S
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+local = {}  # kernel -> count of local-memory instructions (LDL / STL) in its sm_90 SASS
 
 def ptx(kernel, types, consts, aligned=()):
     sig = {n: types.get(n, "constexpr") for n in kernel.arg_names}
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
     opts = {"num_warps": 4, "enable_fp_fusion": False}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    cubin = compiled.asm.get("cubin")
+    if cubin is not None and os.access(CUOBJDUMP, os.X_OK):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True,
+                                  check=True).stdout
+        local[len(local)] = len(re.findall(r"\b(?:LDL|STL)\b", sass))
+    else:
+        local[len(local)] = -1  # no cubin or no cuobjdump: not checked
+    return compiled.asm["ptx"]
 
 out = {}
 t = dict(x_ptr="*bf16", e_ptr="*bf16", s_ptr="*fp32", scale_ptr="*fp32", zp_ptr="*fp32",
@@ -593,7 +607,9 @@ t = dict(x_ptr="*fp16", e_ptr="*fp16", s_ptr="*fp32", clip_ptr="*fp32", stats_pt
          n_levels="fp32", inv_n="fp32")
 c = dict(SIGNED=True, STANDARDIZE=True, HAS_E=True, BEFORE=False, IDX64=False, BLOCK=1024)
 out["liq_fwd"] = ptx(L._liq_quantize_fwd_kernel, t, c, aligned=("x_ptr", "e_ptr", "y_ptr"))
-out["liq_bwd"] = ptx(L._liq_quantize_bwd_kernel, t, c)
+out["liq_bwd"] = ptx(L._liq_quantize_bwd_kernel, t, dict(RELU=False, **c))
+out["liq_bwd_relu"] = ptx(L._liq_quantize_bwd_kernel, t, dict(c, SIGNED=False, STANDARDIZE=False,
+                          HAS_E=False, RELU=True))
 out["liq_stats"] = ptx(L._liq_quantize_stats_kernel, t, dict(HAS_E=True, BEFORE=True, IDX64=True, BLOCK=1024))
 out["liq_fin"] = ptx(L._liq_quantize_stats_finalize_kernel, t, dict(STAT_BLOCK=1024, BLOCK_P=1024))
 tab = dict(tab_ptr="*i64", T="i32", B="i32", n_arg="i32", flag_arg="i32", part_ptr="*fp32",
@@ -612,17 +628,18 @@ out["sgd"] = ptx(S._sam_restore_sgd_fwd_kernel, tab, dict(DT=tl.float16, HAS_WD=
 out["adamw"] = ptx(S._sam_restore_adamw_fwd_kernel, tab, dict(DT=tl.float32, HAS_FOUND=True, **mt))
 out["steps"] = ptx(S._sam_restore_adamw_steps_kernel, tab, dict(HAS_FOUND=True, TABLE=True, BLOCK_T=128))
 out["norm_fin"] = ptx(S._grad_sq_norm_finalize_kernel, tab, dict(BLOCK_P=1024))
-for name, code in out.items():
+for i, (name, code) in enumerate(out.items()):
     print(name, code.count("fma.rn"), code.count("ld.global.v4") + code.count("ld.global.nc.v4")
-          + code.count("ld.global.v2") + code.count("ld.global.nc.v2"))
+          + code.count("ld.global.v2") + code.count("ld.global.nc.v2"), local[i])
 """
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_fma():
-    """Every kernel family compiles to sm_90 PTX here (no GPU needed): no fused multiply-add
-    (``enable_fp_fusion=False``, which bitwise equality relies on: with fusion ``y + s*e``
-    becomes an FMA), and vector loads on the full-block paths."""
+    """Every kernel family compiles to sm_90 PTX and SASS here (no GPU needed): no fused
+    multiply-add (``enable_fp_fusion=False``, which bitwise equality relies on: with fusion
+    ``y + s*e`` becomes an FMA), vector loads on the full-block paths, and no local memory
+    (spills) in the SASS that triton's own cuobjdump shows."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
@@ -637,8 +654,11 @@ def test_kernels_compile_for_sm90_without_fma():
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {line.split()[0]: [int(v) for v in line.split()[1:]] for line in out.stdout.split("\n") if line}
-    assert len(rows) == 13, out.stdout
-    assert all(fma == 0 for fma, _ in rows.values()), rows
+    assert len(rows) == 14, out.stdout
+    assert all(fma == 0 for fma, _, _ in rows.values()), rows
+    # no register spills: local memory on these streaming kernels would cost bandwidth (-1: this
+    # triton gave no cubin or ships no cuobjdump, so SASS was not read)
+    assert all(n_local <= 0 for _, _, n_local in rows.values()), f"local memory in SASS: {rows}"
     for name in ("fq_fwd", "liq_fwd", "perturb"):
         assert rows[name][1] > 0, f"{name}: no vector loads on the full-block path: {rows}"
 

@@ -108,3 +108,35 @@ def test_env_backend_that_cannot_serve_input_raises(monkeypatch):
     monkeypatch.setenv("SAQ_BACKEND", name)
     with pytest.raises(RuntimeError, match=f"backend '{name}' was requested"):
         sk.liq_quantize(x4(), torch.tensor([1.0]), 4, True)
+
+
+@pytest.mark.parametrize("version, refuses, broken", [
+    ("3.6.0", True, True), ("3.7.0", True, False), ("3.6.0", False, False), ("3.10.1", True, False),
+])
+def test_triton_interpreter_numpy_incompatibility_is_reported(monkeypatch, version, refuses, broken):
+    # triton < 3.7's interpreter does int(1-element array), which numpy >= 2.4 refuses: the
+    # backend must say so (and how to fix it) instead of failing inside every kernel
+    triton = pytest.importorskip("triton")
+    np = pytest.importorskip("numpy")
+    from saq_kernels.backends import triton_backend as tb
+
+    class _Refusing:
+        def __int__(self):
+            raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+    monkeypatch.setattr(tb, "_interpreter_checked", False)
+    monkeypatch.setattr(tb, "_interpreter_problem", None)
+    monkeypatch.setattr(triton, "__version__", version)
+    if refuses:
+        monkeypatch.setattr(np, "ones", lambda *a, **k: _Refusing())
+    else:
+        monkeypatch.setattr(np, "ones", lambda *a, **k: 1)
+    reason = tb._check_interpreter()
+    if broken:
+        assert "triton>=3.7" in reason and "numpy<2.4" in reason and version in reason
+    else:
+        assert reason is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(tb, "_interpreted", True)
+    assert tb._supports("fake_quantize", "cpu", torch.float32) == reason
+    assert tb._supports("fake_quantize", "cuda", torch.float32) is None  # GPUs are not affected
