@@ -137,41 +137,43 @@ Tensor liq_quantize_autograd(const Tensor& x, const Tensor& clip, int64_t bits, 
 // ------------------------------------------------------------------------------------------------
 Tensor fq_forward(const Tensor& x, const Tensor& scale, const Tensor& zp, int64_t qmin,
                   int64_t qmax, std::optional<int64_t> axis, double gf, const OptTensor& e,
-                  const OptTensor& s, bool before) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("saq_C::fake_quantize", "")
-          .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
-                        std::optional<int64_t>, double, const OptTensor&, const OptTensor&, bool)>();
-  return op.call(x, scale, zp, qmin, qmax, axis, gf, e, s, before);
+                  const OptTensor& s, bool before, bool relu) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("saq_C::fake_quantize", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
+                                     std::optional<int64_t>, double, const OptTensor&,
+                                     const OptTensor&, bool, bool)>();
+  return op.call(x, scale, zp, qmin, qmax, axis, gf, e, s, before, relu);
 }
 
 std::tuple<Tensor, Tensor, Tensor> fq_backward(const Tensor& grad, const Tensor& x,
                                                const Tensor& scale, const Tensor& zp, int64_t qmin,
                                                int64_t qmax, std::optional<int64_t> axis, double gf,
                                                const OptTensor& e, const OptTensor& s,
-                                               bool before) {
+                                               bool before, bool relu) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("saq_C::fake_quantize_backward", "")
                        .typed<std::tuple<Tensor, Tensor, Tensor>(
                            const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
                            int64_t, std::optional<int64_t>, double, const OptTensor&,
-                           const OptTensor&, bool)>();
-  return op.call(grad, x, scale, zp, qmin, qmax, axis, gf, e, s, before);
+                           const OptTensor&, bool, bool)>();
+  return op.call(grad, x, scale, zp, qmin, qmax, axis, gf, e, s, before, relu);
 }
 
 struct FakeQuantizeFunction : public torch::autograd::Function<FakeQuantizeFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& scale,
                         const Tensor& zp, int64_t qmin, int64_t qmax, std::optional<int64_t> axis,
-                        double gf, const OptTensor& e, const OptTensor& s, bool before) {
+                        double gf, const OptTensor& e, const OptTensor& s, bool before,
+                        bool relu) {
     ctx->save_for_backward({x, scale, zp, opt_or_undefined(e), opt_or_undefined(s)});
     ctx->saved_data["qmin"] = qmin;
     ctx->saved_data["qmax"] = qmax;
     ctx->saved_data["axis"] = axis.has_value() ? *axis : int64_t{-1};  // normalized: >= 0
     ctx->saved_data["gf"] = gf;
     ctx->saved_data["before"] = before;
+    ctx->saved_data["relu"] = relu;
     at::AutoDispatchBelowADInplaceOrView guard;
-    return fq_forward(x, scale, zp, qmin, qmax, axis, gf, e, s, before);
+    return fq_forward(x, scale, zp, qmin, qmax, axis, gf, e, s, before, relu);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -183,21 +185,22 @@ struct FakeQuantizeFunction : public torch::autograd::Function<FakeQuantizeFunct
     auto [dx, dscale, dzp] = fq_backward(
         grads[0], x, scale, zp, ctx->saved_data["qmin"].toInt(), ctx->saved_data["qmax"].toInt(),
         a < 0 ? std::nullopt : std::optional<int64_t>(a), ctx->saved_data["gf"].toDouble(),
-        undefined_to_opt(e), undefined_to_opt(s), before);
+        undefined_to_opt(e), undefined_to_opt(s), before, ctx->saved_data["relu"].toBool());
     Tensor de = perturbation_grad(ctx, /*edge of e after x, scale, zp*/ 3, grads[0], dx, e, s, before);
     return {dx,       dscale.to(scale.scalar_type()), dzp.to(zp.scalar_type()), Tensor(), Tensor(),
-            Tensor(), Tensor(),                       de,                        Tensor(), Tensor()};
+            Tensor(), Tensor(),                       de,                        Tensor(), Tensor(),
+            Tensor()};
   }
 };
 
 Tensor fake_quantize_autograd(const Tensor& x, const Tensor& scale, const Tensor& zp,
                               int64_t qmin, int64_t qmax, std::optional<int64_t> axis, double gf,
-                              const OptTensor& e, const OptTensor& s, bool before,
+                              const OptTensor& e, const OptTensor& s, bool before, bool relu,
                               bool check_values) {
   TORCH_CHECK(!axis.has_value() || *axis >= 0,
               "saq_C::fake_quantize_autograd: axis must be normalized (>= 0), got ", *axis);
   if (check_values) check_positive("fake_quantize", "scale", scale, /*absolute=*/false);
-  return FakeQuantizeFunction::apply(x, scale, zp, qmin, qmax, axis, gf, e, s, before);
+  return FakeQuantizeFunction::apply(x, scale, zp, qmin, qmax, axis, gf, e, s, before, relu);
 }
 
 }  // namespace
@@ -210,7 +213,7 @@ TORCH_LIBRARY_FRAGMENT(saq_C, m) {
   m.def(
       "fake_quantize_autograd(Tensor x, Tensor scale, Tensor zero_point, int quant_min, "
       "int quant_max, int? axis, float grad_factor, Tensor? perturbation, Tensor? perturb_scale, "
-      "bool perturb_before, bool check_values) -> Tensor");
+      "bool perturb_before, bool relu, bool check_values) -> Tensor");
 }
 
 // One Autograd kernel serves CPU and CUDA tensors: the inner saq_C ops dispatch by device.

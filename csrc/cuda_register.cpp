@@ -10,8 +10,12 @@
 #ifdef WITH_CUDA
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream and guard headers, not ATen/cuda/CUDAContext.h: that one also includes the cuBLAS /
+// cuSPARSE headers, which a minimal CUDA toolkit (nvcc + runtime, as on this project's machines)
+// does not have; nothing here uses those libraries.
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -122,7 +126,7 @@ Perturbation prepare_perturbation(const char* op, const Tensor& x,
   return p;
 }
 
-cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // Scratch bytes on the device (caching allocator: no sync, graph-safe); may be empty.
 Tensor workspace(size_t bytes, const Tensor& like) {
@@ -142,7 +146,8 @@ FqPrepared prepare_fq(const char* op, const Tensor& x_in, const Tensor& scale,
                       const Tensor& zero_point, int64_t quant_min, int64_t quant_max,
                       std::optional<int64_t> axis, double grad_factor,
                       const std::optional<Tensor>& perturbation,
-                      const std::optional<Tensor>& perturb_scale, bool perturb_before) {
+                      const std::optional<Tensor>& perturb_scale, bool perturb_before,
+                      bool relu) {
   FqPrepared p;
   check_device(op, "x", x_in, x_in.device());
   const lc::DType dtype = kernel_dtype(op, "x", x_in);
@@ -179,8 +184,11 @@ FqPrepared prepare_fq(const char* op, const Tensor& x_in, const Tensor& scale,
   p.scale = scale.to(at::kFloat).contiguous();
   p.zero_point = zero_point.to(at::kFloat).contiguous();
   p.pert = prepare_perturbation(op, x_in, perturbation, perturb_scale);
+  TORCH_CHECK(!(relu && p.pert.e.defined()), "saq_C::", op, ": relu=True cannot be combined with ",
+              "a perturbation (it folds the ReLU in front of an activation quantizer)");
 
   lc::FakeQuantArgs& a = p.args;
+  a.relu = relu;
   a.numel = p.x.numel();
   a.x = p.x.data_ptr();
   a.dtype = dtype;
@@ -204,11 +212,11 @@ FqPrepared prepare_fq(const char* op, const Tensor& x_in, const Tensor& scale,
 Tensor fake_quantize(const Tensor& x, const Tensor& scale, const Tensor& zero_point,
                      int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis,
                      double grad_factor, const std::optional<Tensor>& perturbation,
-                     const std::optional<Tensor>& perturb_scale, bool perturb_before) {
+                     const std::optional<Tensor>& perturb_scale, bool perturb_before, bool relu) {
   const char* op = "fake_quantize";
   const c10::cuda::CUDAGuard guard(x.device());
   FqPrepared p = prepare_fq(op, x, scale, zero_point, quant_min, quant_max, axis, grad_factor,
-                            perturbation, perturb_scale, perturb_before);
+                            perturbation, perturb_scale, perturb_before, relu);
   Tensor y = at::empty_like(p.x, at::MemoryFormat::Contiguous);
   check_launch(lc::fake_quantize_fwd(p.args, y.data_ptr(), current_stream()), op);
   return y;
@@ -218,11 +226,11 @@ std::tuple<Tensor, Tensor, Tensor> fake_quantize_backward(
     const Tensor& grad, const Tensor& x, const Tensor& scale, const Tensor& zero_point,
     int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis, double grad_factor,
     const std::optional<Tensor>& perturbation, const std::optional<Tensor>& perturb_scale,
-    bool perturb_before) {
+    bool perturb_before, bool relu) {
   const char* op = "fake_quantize_backward";
   const c10::cuda::CUDAGuard guard(x.device());
   FqPrepared p = prepare_fq(op, x, scale, zero_point, quant_min, quant_max, axis, grad_factor,
-                            perturbation, perturb_scale, perturb_before);
+                            perturbation, perturb_scale, perturb_before, relu);
   check_device(op, "grad", grad, x.device());
   check_same_shape(op, "grad", grad, x);
   TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "saq_C::", op, ": 'grad' has dtype ",

@@ -13,11 +13,11 @@ TORCH_LIBRARY(saq_C, m) {
   m.def(
       "fake_quantize(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
       "int? axis, float grad_factor, Tensor? perturbation, Tensor? perturb_scale, "
-      "bool perturb_before) -> Tensor");
+      "bool perturb_before, bool relu=False) -> Tensor");
   m.def(
       "fake_quantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, "
       "int quant_min, int quant_max, int? axis, float grad_factor, Tensor? perturbation, "
-      "Tensor? perturb_scale, bool perturb_before) -> (Tensor, Tensor, Tensor)");
+      "Tensor? perturb_scale, bool perturb_before, bool relu=False) -> (Tensor, Tensor, Tensor)");
   m.def(
       "liq_quantize(Tensor x, Tensor clip, int bits, bool signed, bool standardize, "
       "Tensor? perturbation, Tensor? perturb_scale, bool perturb_before) -> Tensor");

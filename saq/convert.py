@@ -82,7 +82,8 @@ def quantize_model(
         standardize: LIQ weight standardization for convs (the reference's default).
         signed_activations: quantize layer inputs with a signed range (e.g. for transformers).
         fold_relu: let quantized layers fed by a ReLU (as the model's ``relu_fed_layers()`` lists
-            them) apply it inside their unsigned LIQ quantizer, so the model skips the ReLU: the
+            them) apply it inside their input quantizer (unsigned LIQ, LSQ / LSQ+, PACT:
+            ``QuantLayer.relu_foldable``), so the model skips the ReLU: the
             same numbers (forward and gradients, exactly), one elementwise op fewer per layer.
             See saq/nn/relu_fold.py. Models without ``relu_fed_layers`` are unaffected.
     Returns the same model object.

@@ -92,15 +92,16 @@ def _fake_quantize(
     perturbation: Optional[Tensor],
     perturb_scale: Optional[Tensor],
     perturb_before: bool,
+    relu: bool = False,
 ) -> Tensor:
     return _impl("fake_quantize", x)(
         x, scale, zero_point, quant_min, quant_max, axis, grad_factor,
-        perturbation, perturb_scale, perturb_before,
+        perturbation, perturb_scale, perturb_before, relu,
     )
 
 
 @_fake_quantize.register_fake
-def _(x, scale, zero_point, quant_min, quant_max, axis, grad_factor, e, s, before):
+def _(x, scale, zero_point, quant_min, quant_max, axis, grad_factor, e, s, before, relu=False):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -117,15 +118,17 @@ def _fake_quantize_backward(
     perturbation: Optional[Tensor],
     perturb_scale: Optional[Tensor],
     perturb_before: bool,
+    relu: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     return _impl("fake_quantize_backward", x)(
         grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor,
-        perturbation, perturb_scale, perturb_before,
+        perturbation, perturb_scale, perturb_before, relu,
     )
 
 
 @_fake_quantize_backward.register_fake
-def _(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor, e, s, before):
+def _(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor, e, s, before,
+      relu=False):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(scale, dtype=torch.float32),
@@ -134,9 +137,9 @@ def _(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor, e, s,
 
 
 def _fq_setup(ctx, inputs, output):
-    x, scale, zero_point, qmin, qmax, axis, grad_factor, e, s, before = inputs
+    x, scale, zero_point, qmin, qmax, axis, grad_factor, e, s, before, relu = inputs
     ctx.save_for_backward(x, scale, zero_point, e, s)
-    ctx.args = (qmin, qmax, axis, grad_factor, before)
+    ctx.args = (qmin, qmax, axis, grad_factor, before, relu)
 
 
 def _perturbation_grad(ctx, index: int, grad: Tensor, dx: Tensor, e, s, before: bool):
@@ -150,12 +153,13 @@ def _perturbation_grad(ctx, index: int, grad: Tensor, dx: Tensor, e, s, before: 
 
 def _fq_backward(ctx, grad):
     x, scale, zero_point, e, s = ctx.saved_tensors
-    qmin, qmax, axis, grad_factor, before = ctx.args
+    qmin, qmax, axis, grad_factor, before, relu = ctx.args
     dx, dscale, dzp = _fake_quantize_backward(
-        grad, x, scale, zero_point, qmin, qmax, axis, grad_factor, e, s, before
+        grad, x, scale, zero_point, qmin, qmax, axis, grad_factor, e, s, before, relu
     )
     de = _perturbation_grad(ctx, 7, grad, dx, e, s, before)
-    return dx, dscale.to(scale.dtype), dzp.to(zero_point.dtype), None, None, None, None, de, None, None
+    return (dx, dscale.to(scale.dtype), dzp.to(zero_point.dtype), None, None, None, None, de, None,
+            None, None)
 
 
 _fake_quantize.register_autograd(_fq_backward, setup_context=_fq_setup)
@@ -172,6 +176,7 @@ def fake_quantize(
     perturbation: Optional[Tensor] = None,
     perturb_scale: Optional[Tensor] = None,
     perturb_before: bool = False,
+    relu: bool = False,
 ) -> Tensor:
     """LSQ / LSQ+ fake quantization with gradients for x, scale and zero_point.
 
@@ -185,17 +190,27 @@ def fake_quantize(
     ``s * dL/d(x + s*e)`` (before) when it requires grad, s gets none.
 
     x: fp32 / fp16 / bf16, any shape. Returns a new tensor shaped and typed like x.
+
+    ``relu=True`` (no perturbation) computes ``Q(relu(x))`` and its gradients from the
+    pre-activation x in the same single pass: every term at ``relu(x)``, and ``dx`` gated by
+    ``relu'(x) = (x > 0)``; the same numbers as ``fake_quantize(torch.relu(x), ...)`` bit for bit,
+    for any zero point. A model drops its ReLU and saves that op's two passes over the activation.
     """
     op = "fake_quantize"
     check_float(op, "x", x)
     check_quant_range(op, quant_min, quant_max)
+    if relu and perturbation is not None:
+        raise ValueError(
+            f"saq::{op}: relu=True folds a ReLU into an activation quantizer; it cannot be "
+            "combined with a perturbation (apply torch.relu first, or drop the perturbation)"
+        )
     native = _native_autograd(op, x)
     # The native path checks the scale's values itself (on the CPU, where that is free).
     axis = check_param(op, "scale", scale, x, axis, positive=native is None)
     check_param(op, "zero_point", zero_point, x, axis, positive=False)
     check_perturbation(op, x, perturbation, perturb_scale)
     args = (x, scale, zero_point, int(quant_min), int(quant_max), axis, float(grad_factor),
-            perturbation, perturb_scale, bool(perturb_before))
+            perturbation, perturb_scale, bool(perturb_before), bool(relu))
     if native is not None:
         return native(*args, _validate.CHECK_VALUES)
     return _fake_quantize(*args)

@@ -96,6 +96,7 @@ def fake_quantize(
     perturbation: Optional[Tensor],
     perturb_scale: Optional[Tensor],
     perturb_before: bool,
+    relu: bool = False,
 ) -> Tensor:
     """Affine fake quantization (LSQ / LSQ+), per tensor (``axis=None``) or per channel.
 
@@ -105,8 +106,11 @@ def fake_quantize(
 
     Shapes: x any; scale and zero_point ``[1]``/``[]`` or ``[C]`` with ``C = x.shape[axis]``.
     Returns a new tensor of x's shape and dtype. ``grad_factor`` only scales the backward.
+    ``relu`` (never with a perturbation): ``Q(relu(x))``.
     """
     xf = _perturbed_input(x, perturbation, perturb_scale, perturb_before)
+    if relu:
+        xf = torch.relu(xf)
     s, zp, _, xq = _fq_codes(xf, scale, zero_point, quant_min, quant_max, axis)
     y = (torch.clamp(xq, quant_min, quant_max) - zp) * s
     return _add_after(y, perturbation, perturb_scale, perturb_before).to(x.dtype)
@@ -124,6 +128,7 @@ def fake_quantize_backward(
     perturbation: Optional[Tensor],
     perturb_scale: Optional[Tensor],
     perturb_before: bool,
+    relu: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`fake_quantize` for x, scale and zero_point (LSQ+ formulas).
 
@@ -133,14 +138,19 @@ def fake_quantize_backward(
     below, ``g * (qmax - zp)`` above, times ``grad_factor``;
     ``dzp = sum(-g * scale * grad_factor)`` outside, 0 inside. Sums over all elements (per
     tensor) or all but ``axis`` (per channel). Returns ``(dx [x.dtype], dscale [fp32], dzp [fp32])``.
+    ``relu``: the gradients of ``Q(relu(x))``: every term at ``relu(x)``, and ``dx`` times
+    ``relu'(x) = (x > 0)``.
     """
     xf = _perturbed_input(x, perturbation, perturb_scale, perturb_before)
     g = grad.to(xf.dtype)
+    x_in = xf
+    if relu:
+        xf = torch.relu(xf)
     s, zp, inv, xq = _fq_codes(xf, scale, zero_point, quant_min, quant_max, axis)
     below = xq < quant_min
     above = xq > quant_max
     inside = ~(below | above)
-    dx = torch.where(inside, g, torch.zeros_like(g))
+    dx = torch.where(inside & (x_in > 0) if relu else inside, g, torch.zeros_like(g))
     xfq = (torch.clamp(xq, quant_min, quant_max) - zp) * s
     ds_in = g * (xfq - xf) * inv
     ds_out = torch.where(below, g * (quant_min - zp), g * (quant_max - zp))

@@ -68,11 +68,19 @@ SAQ_HD float fq_forward(float x, float scale, float inv, float zp, float qmin, f
   return (clampf(xq, qmin, qmax) - zp) * scale;
 }
 
+// The input of Q(relu(x)) for fake_quantize(relu=True): x < 0 becomes 0, as torch.relu does
+// (NaN stays NaN; -0.0 may stay, which changes no result: Q(-0.0) = Q(0) bit for bit).
+SAQ_HD float relu_input(float x) { return x < 0.0f ? 0.0f : x; }
+
 // Backward terms for one element: dx = g * inside;
 // dscale = g * ((clamp(xq) - zp) * scale - x) * inv inside, g * (qmin - zp) below,
 // g * (qmax - zp) above (times grad_factor); dzp = -g * scale * grad_factor outside, 0 inside.
-SAQ_HD void fq_backward(float x, float g, float scale, float inv, float zp, float qmin, float qmax,
-                        float grad_factor, float* dx, float* dscale, float* dzp) {
+// relu: the gradients of Q(relu(x)): the terms at relu_input(x), and dx = 0 unless x > 0
+// (relu'(x) = (x > 0), so x = 0 and NaN pass no gradient, as torch's threshold_backward).
+SAQ_HD void fq_backward(float x_in, float g, float scale, float inv, float zp, float qmin,
+                        float qmax, float grad_factor, float* dx, float* dscale, float* dzp,
+                        bool relu = false) {
+  const float x = relu ? relu_input(x_in) : x_in;
   float xq = round_half_even(x * inv) + zp;
   bool below = xq < qmin;
   bool above = xq > qmax;
@@ -82,7 +90,7 @@ SAQ_HD void fq_backward(float x, float g, float scale, float inv, float zp, floa
     *dzp = -g * scale * grad_factor;
   } else {
     float xfq = (xq - zp) * scale;
-    *dx = g;
+    *dx = (!relu || x_in > 0.0f) ? g : 0.0f;
     *dscale = g * (xfq - x) * inv * grad_factor;
     *dzp = 0.0f;
   }

@@ -39,7 +39,9 @@ SAQ_INLINE void fwd_loop(const float* __restrict x, const float* __restrict e, f
                          float* __restrict y, int64_t n, P scale, P inv, P zp, float qmin,
                          float qmax) {
   for (int64_t i = 0; i < n; ++i) {
-    const float xp = MODE == kPerturbBefore ? saq::add_scaled(x[i], s, e[i]) : x[i];
+    const float xp = MODE == kPerturbBefore ? saq::add_scaled(x[i], s, e[i])
+                     : MODE == kReluInput    ? saq::relu_input(x[i])
+                                             : x[i];
     const float q = saq::fq_forward(xp, scale[i], inv[i], zp[i], qmin, qmax);
     y[i] = MODE == kPerturbAfter ? saq::add_scaled(q, s, e[i]) : q;
   }
@@ -52,6 +54,8 @@ SAQ_INLINE void fwd_modes(int mode, const float* x, const float* e, float s, flo
     fwd_loop<kPerturbBefore>(x, e, s, y, n, scale, inv, zp, qmin, qmax);
   } else if (mode == kPerturbAfter) {
     fwd_loop<kPerturbAfter>(x, e, s, y, n, scale, inv, zp, qmin, qmax);
+  } else if (mode == kReluInput) {
+    fwd_loop<kReluInput>(x, e, s, y, n, scale, inv, zp, qmin, qmax);
   } else {
     fwd_loop<kNoPerturb>(x, e, s, y, n, scale, inv, zp, qmin, qmax);
   }
@@ -69,16 +73,18 @@ SAQ_CLONES void fwd_periodic(const float* x, const float* e, float s, int mode, 
 }
 
 // Periodic layout: dx and the per-element scale / zero-point terms into scratch arrays, which
-// the caller sums per column.
-template <bool BEFORE, class P>
+// the caller sums per column. MODE: kNoPerturb, kPerturbBefore or kReluInput (the backward of
+// Q(x) + s*e does not read e).
+template <int MODE, class P>
 SAQ_INLINE void bwd_loop(const float* __restrict x, const float* __restrict e, float s,
                          const float* __restrict g, float* __restrict dx, float* __restrict ds,
                          float* __restrict dz, int64_t n, P scale, P inv, P zp, float qmin,
                          float qmax, float gf) {
   for (int64_t i = 0; i < n; ++i) {
-    const float xp = BEFORE ? saq::add_scaled(x[i], s, e[i]) : x[i];
+    const float xp = MODE == kPerturbBefore ? saq::add_scaled(x[i], s, e[i]) : x[i];
     float a, b, c;
-    saq::fq_backward(xp, g[i], scale[i], inv[i], zp[i], qmin, qmax, gf, &a, &b, &c);
+    saq::fq_backward(xp, g[i], scale[i], inv[i], zp[i], qmin, qmax, gf, &a, &b, &c,
+                     MODE == kReluInput);
     dx[i] = a;
     ds[i] = b;
     dz[i] = c;
@@ -89,15 +95,15 @@ SAQ_INLINE void bwd_loop(const float* __restrict x, const float* __restrict e, f
 // accumulators (lane l takes the elements i = l mod kLanes of the run, in order). Fusing the sum
 // into this loop instead of a second pass over a scratch tile: 0.78 -> 0.52 ms per 2^20 fp32
 // elements, one thread, warm buffers (Sapphire Rapids VM, AVX-512 clone, gcc 12).
-template <bool BEFORE>
+template <int MODE>
 SAQ_INLINE void bwd_sum_loop(const float* __restrict x, const float* __restrict e, float s,
                              const float* __restrict g, float* __restrict dx, int64_t n,
                              float scale, float inv, float zp, float qmin, float qmax, float gf,
                              double* lanes_ds, double* lanes_dz) {
   auto term = [&](int64_t i, double& sum_ds, double& sum_dz) SAQ_LAMBDA_INLINE {
-    const float xp = BEFORE ? saq::add_scaled(x[i], s, e[i]) : x[i];
+    const float xp = MODE == kPerturbBefore ? saq::add_scaled(x[i], s, e[i]) : x[i];
     float a, b, c;
-    saq::fq_backward(xp, g[i], scale, inv, zp, qmin, qmax, gf, &a, &b, &c);
+    saq::fq_backward(xp, g[i], scale, inv, zp, qmin, qmax, gf, &a, &b, &c, MODE == kReluInput);
     dx[i] = a;
     sum_ds += static_cast<double>(b);
     sum_dz += static_cast<double>(c);
@@ -105,24 +111,31 @@ SAQ_INLINE void bwd_sum_loop(const float* __restrict x, const float* __restrict 
   lane_sum2(n, lanes_ds, lanes_dz, term);
 }
 
-SAQ_CLONES void bwd_uniform(const float* x, const float* e, float s, bool before, const float* g,
+SAQ_CLONES void bwd_uniform(const float* x, const float* e, float s, int mode, const float* g,
                             float* dx, int64_t n, float scale, float inv, float zp, float qmin,
                             float qmax, float gf, double* lanes_ds, double* lanes_dz) {
-  if (before) {
-    bwd_sum_loop<true>(x, e, s, g, dx, n, scale, inv, zp, qmin, qmax, gf, lanes_ds, lanes_dz);
+  if (mode == kPerturbBefore) {
+    bwd_sum_loop<kPerturbBefore>(x, e, s, g, dx, n, scale, inv, zp, qmin, qmax, gf, lanes_ds,
+                                 lanes_dz);
+  } else if (mode == kReluInput) {
+    bwd_sum_loop<kReluInput>(x, e, s, g, dx, n, scale, inv, zp, qmin, qmax, gf, lanes_ds,
+                             lanes_dz);
   } else {
-    bwd_sum_loop<false>(x, e, s, g, dx, n, scale, inv, zp, qmin, qmax, gf, lanes_ds, lanes_dz);
+    bwd_sum_loop<kNoPerturb>(x, e, s, g, dx, n, scale, inv, zp, qmin, qmax, gf, lanes_ds,
+                             lanes_dz);
   }
 }
 
-SAQ_CLONES void bwd_periodic(const float* x, const float* e, float s, bool before,
-                             const float* g, float* dx, float* ds, float* dz, int64_t n,
-                             const float* scale, const float* inv, const float* zp, float qmin,
-                             float qmax, float gf) {
-  if (before) {
-    bwd_loop<true>(x, e, s, g, dx, ds, dz, n, Arr{scale}, Arr{inv}, Arr{zp}, qmin, qmax, gf);
+SAQ_CLONES void bwd_periodic(const float* x, const float* e, float s, int mode, const float* g,
+                             float* dx, float* ds, float* dz, int64_t n, const float* scale,
+                             const float* inv, const float* zp, float qmin, float qmax, float gf) {
+  const Arr sc{scale}, iv{inv}, z{zp};
+  if (mode == kPerturbBefore) {
+    bwd_loop<kPerturbBefore>(x, e, s, g, dx, ds, dz, n, sc, iv, z, qmin, qmax, gf);
+  } else if (mode == kReluInput) {
+    bwd_loop<kReluInput>(x, e, s, g, dx, ds, dz, n, sc, iv, z, qmin, qmax, gf);
   } else {
-    bwd_loop<false>(x, e, s, g, dx, ds, dz, n, Arr{scale}, Arr{inv}, Arr{zp}, qmin, qmax, gf);
+    bwd_loop<kNoPerturb>(x, e, s, g, dx, ds, dz, n, sc, iv, z, qmin, qmax, gf);
   }
 }
 
@@ -267,6 +280,14 @@ SAQ_INLINE void for_each_run(const Layout& L, int64_t k, const F& fn) {
   }
 }
 
+// The loops' input mode: the perturbation's, or kReluInput (exclusive with a perturbation).
+int input_mode(const char* op, const Perturbation& pert, bool relu) {
+  if (!relu) return pert.mode;
+  TORCH_CHECK(pert.mode == kNoPerturb, op, ": relu=True cannot be combined with a perturbation ",
+              "(it folds the ReLU in front of an activation quantizer)");
+  return kReluInput;
+}
+
 int64_t grain_items(const Layout& L) { return std::max<int64_t>(1, kGrain / L.item_elems); }
 
 void check_axis(const char* op, const at::Tensor& x, std::optional<int64_t> axis) {
@@ -285,7 +306,8 @@ at::Tensor fake_quantize(const at::Tensor& x, const at::Tensor& scale,
                          const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
                          std::optional<int64_t> axis, double grad_factor,
                          const std::optional<at::Tensor>& perturbation,
-                         const std::optional<at::Tensor>& perturb_scale, bool perturb_before) {
+                         const std::optional<at::Tensor>& perturb_scale, bool perturb_before,
+                         bool relu) {
   const char* op = "saq_C::fake_quantize";
   check_compute_input(op, "x", x);
   check_axis(op, x, axis);
@@ -294,6 +316,7 @@ at::Tensor fake_quantize(const at::Tensor& x, const at::Tensor& scale,
   const Params p = make_params(op, L, scale, zero_point, quant_min, quant_max, grad_factor,
                                axis.has_value(), channels);
   const Perturbation pert = make_perturbation(op, x, perturbation, perturb_scale, perturb_before);
+  const int mode = input_mode(op, pert, relu);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (L.numel == 0) return y;
@@ -310,11 +333,11 @@ at::Tensor fake_quantize(const at::Tensor& x, const at::Tensor& scale,
           const float* ef = load(pert.in, o, n, be);
           float* yf = out_ptr(yout, o, by);
           if (!L.periodic) {
-            fwd_uniform(xf, ef, pert.s, pert.mode, yf, n, p.scale[pi], p.inv[pi], p.zp[pi],
+            fwd_uniform(xf, ef, pert.s, mode, yf, n, p.scale[pi], p.inv[pi], p.zp[pi],
                         p.qmin, p.qmax);
           } else {
             const int64_t q = pi + off;
-            fwd_periodic(xf, ef, pert.s, pert.mode, yf, n, p.scale.data() + q, p.inv.data() + q,
+            fwd_periodic(xf, ef, pert.s, mode, yf, n, p.scale.data() + q, p.inv.data() + q,
                          p.zp.data() + q, p.qmin, p.qmax);
           }
           commit(yout, o, n, by);
@@ -333,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward(
     const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
     std::optional<int64_t> axis, double grad_factor,
     const std::optional<at::Tensor>& perturbation, const std::optional<at::Tensor>& perturb_scale,
-    bool perturb_before) {
+    bool perturb_before, bool relu) {
   const char* op = "saq_C::fake_quantize_backward";
   check_compute_input(op, "x", x);
   check_float_cpu(op, "grad", grad);
@@ -345,9 +368,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward(
   const Params p = make_params(op, L, scale, zero_point, quant_min, quant_max, grad_factor,
                                axis.has_value(), channels);
   const Perturbation pert = make_perturbation(op, x, perturbation, perturb_scale, perturb_before);
-  const bool before = pert.mode == kPerturbBefore;
   // The backward of Q(x) + s*e does not depend on e.
-  const In ein = before ? pert.in : In{};
+  int mode = input_mode(op, pert, relu);
+  if (mode == kPerturbAfter) mode = kNoPerturb;
+  const In ein = mode == kPerturbBefore ? pert.in : In{};
   const at::Tensor xc = x.contiguous();
   const at::Tensor gc = grad.contiguous();
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -387,11 +411,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward(
           const float* gf = load(gin, o, n, bg);
           float* dxf = out_ptr(dxout, o, bdx);
           if (!L.periodic) {
-            bwd_uniform(xf, ef, pert.s, before, gf, dxf, n, p.scale[pi], p.inv[pi], p.zp[pi],
+            bwd_uniform(xf, ef, pert.s, mode, gf, dxf, n, p.scale[pi], p.inv[pi], p.zp[pi],
                         p.qmin, p.qmax, p.gf, lanes_ds, lanes_dz);
           } else {
             const int64_t q = pi + off;
-            bwd_periodic(xf, ef, pert.s, before, gf, dxf, tds, tdz, n, p.scale.data() + q,
+            bwd_periodic(xf, ef, pert.s, mode, gf, dxf, tds, tdz, n, p.scale.data() + q,
                          p.inv.data() + q, p.zp.data() + q, p.qmin, p.qmax, p.gf);
             col_add(tds, n, acc_ds);
             col_add(tdz, n, acc_dz);

@@ -53,6 +53,9 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Perturbation handling of the quantizers (saq_kernels/OPS.md): none, Q(x + s*e), Q(x) + s*e.
 enum PerturbMode : int { kNoPerturb = 0, kPerturbBefore = 1, kPerturbAfter = 2 };
+// fake_quantize(relu=True) reads its input as relu(x) in place of a perturbation (the two are
+// exclusive), so it is one more mode of the same loops.
+constexpr int kReluInput = 3;
 
 // ---------------------------------------------------------------------------------------------
 // dtype tiles: the kernels see fp32 arrays. fp32 tensors are used in place; fp16 / bf16 / fp64

@@ -20,14 +20,15 @@ at::Tensor fake_quantize(const at::Tensor& x, const at::Tensor& scale,
                          const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
                          std::optional<int64_t> axis, double grad_factor,
                          const std::optional<at::Tensor>& perturbation,
-                         const std::optional<at::Tensor>& perturb_scale, bool perturb_before);
+                         const std::optional<at::Tensor>& perturb_scale, bool perturb_before,
+                         bool relu);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
     const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
     std::optional<int64_t> axis, double grad_factor,
     const std::optional<at::Tensor>& perturbation, const std::optional<at::Tensor>& perturb_scale,
-    bool perturb_before);
+    bool perturb_before, bool relu);
 
 // csrc/cpu/liq_quantize.cpp
 at::Tensor liq_quantize(const at::Tensor& x, const at::Tensor& clip, int64_t bits, bool is_signed,

@@ -19,12 +19,16 @@ using detail::FastDivmod;
 using detail::kThreads;
 using detail::to_f;
 
-enum PerturbMode : int { kNoPerturb = 0, kBefore = 1, kAfter = 2 };
+// How a kernel reads its input: x, x + s*e, (then + s*e), or relu(x) (fake_quantize(relu=True)).
+enum InputMode : int { kNoPerturb = 0, kBefore = 1, kAfter = 2, kRelu = 3 };
+
+// Only the perturbed modes read e and s (their pointers are null otherwise).
+__host__ __device__ __forceinline__ bool reads_e(int mode) { return mode == kBefore || mode == kAfter; }
 
 struct FqKernelArgs {
   const float* scale;
   const float* zero_point;
-  const float* s;  // perturbation scale (device), read only when mode != kNoPerturb
+  const float* s;  // perturbation scale (device), read only when reads_e(mode)
   int64_t n;
   int64_t channels;
   int64_t inner;
@@ -67,7 +71,9 @@ struct ChannelCursor {
 
 __device__ __forceinline__ float fq_elem(float x, float e, float s, int mode, const QParams& q,
                                          float qmin, float qmax) {
-  const float xp = mode == kBefore ? saq::add_scaled(x, s, e) : x;
+  const float xp = mode == kBefore ? saq::add_scaled(x, s, e)
+                   : mode == kRelu ? saq::relu_input(x)
+                                   : x;
   const float y = saq::fq_forward(xp, q.scale, q.inv, q.zp, qmin, qmax);
   return mode == kAfter ? saq::add_scaled(y, s, e) : y;
 }
@@ -82,7 +88,7 @@ __global__ void __launch_bounds__(kThreads, detail::kMinBlocks)
   constexpr int N = detail::Vec<T>::N;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const float s = a.mode != kNoPerturb ? __ldg(a.s) : 0.0f;
+  const float s = reads_e(a.mode) ? __ldg(a.s) : 0.0f;
   const uint64_t inner = static_cast<uint64_t>(a.inner);
   const uint64_t channels = static_cast<uint64_t>(a.channels);
 
@@ -91,13 +97,13 @@ __global__ void __launch_bounds__(kThreads, detail::kMinBlocks)
   ChannelCursor cur{0, 0};
 
   const bool vec = detail::aligned16(x) && detail::aligned16(y) &&
-                   (a.mode == kNoPerturb || detail::aligned16(e));
+                   (!reads_e(a.mode) || detail::aligned16(e));
   const int64_t nvec = vec ? a.n / N : 0;
   for (int64_t v = tid; v < nvec; v += stride) {
     const int64_t i0 = v * N;
     float xv[N], ev[N], out[N];
     detail::load_vec<T, N>(x + i0, xv);
-    if (a.mode != kNoPerturb) {
+    if (reads_e(a.mode)) {
       detail::load_vec<TE, N>(e + i0, ev);
     } else {
 #pragma unroll
@@ -125,13 +131,13 @@ __global__ void __launch_bounds__(kThreads, detail::kMinBlocks)
         q = load_qparams(a, static_cast<int64_t>(cached));
       }
     }
-    const float ev = a.mode != kNoPerturb ? to_f(e[i]) : 0.0f;
+    const float ev = reads_e(a.mode) ? to_f(e[i]) : 0.0f;
     y[i] = detail::from_f<T>(fq_elem(to_f(x[i]), ev, s, a.mode, q, a.qmin, a.qmax));
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// backward. mode is kNoPerturb or kBefore (the backward of Q(x) + s*e ignores e).
+// backward. mode is kNoPerturb, kBefore or kRelu (the backward of Q(x) + s*e ignores e).
 // ---------------------------------------------------------------------------------------------
 // One element: writes dx, accumulates the dscale / dzp terms.
 __device__ __forceinline__ float fq_bwd_elem(float x, float e, float g, float s, int mode,
@@ -139,7 +145,8 @@ __device__ __forceinline__ float fq_bwd_elem(float x, float e, float g, float s,
                                              float& dz) {
   const float xp = mode == kBefore ? saq::add_scaled(x, s, e) : x;
   float dx, dsk, dzk;
-  saq::fq_backward(xp, g, q.scale, q.inv, q.zp, a.qmin, a.qmax, a.grad_factor, &dx, &dsk, &dzk);
+  saq::fq_backward(xp, g, q.scale, q.inv, q.zp, a.qmin, a.qmax, a.grad_factor, &dx, &dsk, &dzk,
+                   mode == kRelu);
   ds += dsk;
   dz += dzk;
   return dx;
@@ -332,7 +339,9 @@ FqKernelArgs kernel_args(const FakeQuantArgs& a, bool backward) {
   k.div_channels = FastDivmod::make(static_cast<uint64_t>(k.channels));
   const int64_t n_per_vec = vec_width(a.dtype);
   k.div_inner_vec = FastDivmod::make(static_cast<uint64_t>(k.inner >= n_per_vec ? k.inner / n_per_vec : 1));
-  if (a.perturbation == nullptr) {
+  if (a.relu) {
+    k.mode = kRelu;  // the host refused relu with a perturbation
+  } else if (a.perturbation == nullptr) {
     k.mode = kNoPerturb;
   } else if (a.perturb_before) {
     k.mode = kBefore;

@@ -44,6 +44,7 @@ struct FakeQuantArgs {
   bool perturbation_fp32 = false;
   const float* perturb_scale = nullptr;  // s: one fp32 on the device; needed when e is given
   bool perturb_before = false;         // true: Q(x + s*e); false: Q(x) + s*e
+  bool relu = false;                   // Q(relu(x)) and its gradients; never with a perturbation
 };
 
 // y[numel] (dtype) = fake_quantize(x). Returns the launch status.

@@ -163,13 +163,20 @@ class QuantLayer:
 
     @property
     def relu_foldable(self) -> bool:
-        """An unsigned LIQ input quantizer, whose clamp at 0 is a ReLU: ``input_relu`` costs it
-        nothing (saq/nn/relu_fold.py)."""
-        return self.quantizer == "liq" and not self.signed_activations and self.bits_activations != 32
+        """The input quantizer computes ``Q(relu(x))`` from x at no extra cost, so ``input_relu``
+        saves the ReLU's passes (saq/nn/relu_fold.py): unsigned LIQ (its clamp at 0 is the ReLU),
+        LSQ / LSQ+ (``fake_quantize(relu=True)``, any range and zero point) and PACT (which
+        applies a ReLU itself). Not DoReFa: its clamp passes the gradient at x = 0."""
+        if self.bits_activations == 32:
+            return False
+        if self.quantizer == "liq":
+            return not self.signed_activations
+        return self.quantizer in ("lsq", "lsq+", "pact")
 
     def quantize_input(self, x: Tensor) -> Tensor:
         """The fake-quantized layer input (identity when ``bits_activations == 32``), of
-        ``relu(x)`` when ``input_relu`` (folded into an unsigned LIQ quantizer, else applied first)."""
+        ``relu(x)`` when ``input_relu`` (folded into the quantizer where ``relu_foldable``, else
+        applied first)."""
         b = self.bits_activations
         q = self.quantizer
         fold = self.input_relu and self.relu_foldable
@@ -183,8 +190,9 @@ class QuantLayer:
         if q in ("lsq", "lsq+"):
             qmin, qmax = self._lsq_range(b, self.signed_activations)
             gf = 1.0 / math.sqrt(x[0].numel() * qmax) if x.dim() > 1 else 1.0 / math.sqrt(x.numel() * qmax)
-            return sk.fake_quantize(x, self.activation_scale, self.activation_zero_point, qmin, qmax, None, gf)
-        if q == "pact":
+            return sk.fake_quantize(x, self.activation_scale, self.activation_zero_point, qmin, qmax,
+                                    None, gf, relu=fold)
+        if q == "pact":  # relu(relu(x)) = relu(x), gradients included: the fold is PACT itself
             return pact_activation(x, self.activation_clip_value, b)
         return dorefa_activation(x, b)
 

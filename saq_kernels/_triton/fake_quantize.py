@@ -51,8 +51,11 @@ __all__ = ["fake_quantize", "fake_quantize_backward", "fake_quantize_fwd", "fake
 def _fake_quantize_fwd_block(
     x_ptr, e_ptr, s_ptr, scale_ptr, zp_ptr, y_ptr, offs, mask, C, inner, qmin, qmax,
     PER_CHANNEL: tl.constexpr, OUTER: tl.constexpr, HAS_E: tl.constexpr, BEFORE: tl.constexpr,
+    RELU: tl.constexpr,
 ):
     xf = load_f32(x_ptr + offs, mask, 0.0)
+    if RELU:  # Q(relu(x)); NaN stays NaN, as with torch.relu
+        xf = tl.where(xf < 0.0, 0.0, xf)
     se = xf * 0.0
     if HAS_E:
         se = tl.load(s_ptr).to(tl.float32) * load_f32(e_ptr + offs, mask, 0.0)
@@ -83,7 +86,7 @@ def _fake_quantize_fwd_kernel(
     x_ptr, e_ptr, s_ptr, scale_ptr, zp_ptr, y_ptr,
     N, C, inner, qmin, qmax,
     PER_CHANNEL: tl.constexpr, OUTER: tl.constexpr, HAS_E: tl.constexpr, BEFORE: tl.constexpr,
-    IDX64: tl.constexpr, BLOCK: tl.constexpr,
+    RELU: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if IDX64:
@@ -92,10 +95,10 @@ def _fake_quantize_fwd_kernel(
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= N:  # full block: unmasked, vectorized
         _fake_quantize_fwd_block(x_ptr, e_ptr, s_ptr, scale_ptr, zp_ptr, y_ptr, offs, None, C,
-                                 inner, qmin, qmax, PER_CHANNEL, OUTER, HAS_E, BEFORE)
+                                 inner, qmin, qmax, PER_CHANNEL, OUTER, HAS_E, BEFORE, RELU)
     else:
         _fake_quantize_fwd_block(x_ptr, e_ptr, s_ptr, scale_ptr, zp_ptr, y_ptr, offs, offs < N, C,
-                                 inner, qmin, qmax, PER_CHANNEL, OUTER, HAS_E, BEFORE)
+                                 inner, qmin, qmax, PER_CHANNEL, OUTER, HAS_E, BEFORE, RELU)
 
 
 @triton.jit
@@ -103,7 +106,7 @@ def _fake_quantize_bwd_kernel(
     g_ptr, x_ptr, e_ptr, s_ptr, scale_ptr, zp_ptr, dx_ptr, part_ptr,
     K, C, inner, n_iter, qmin, qmax, grad_factor,
     OUTER: tl.constexpr, HAS_E: tl.constexpr, BEFORE: tl.constexpr, IDX64: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, RELU: tl.constexpr = False,
 ):
     # x viewed as [outer, C, inner]; k runs over the outer*inner elements of one channel.
     pid_k = tl.program_id(0)
@@ -143,11 +146,18 @@ def _fake_quantize_bwd_kernel(
         if HAS_E:
             if BEFORE:
                 xf = xf + s * tl.load(e_ptr + off, mask=m, other=0.0).to(tl.float32)
+        x_in = xf
+        if RELU:  # the terms of Q(relu(x))
+            xf = tl.where(xf < 0.0, 0.0, xf)
         xq = round_half_even(xf * inv2) + zp2
         below = xq < qmin
         above = xq > qmax
         inside = (below | above) == 0
-        tl.store(dx_ptr + off, to_dtype(tl.where(inside, g, 0.0), dx_ptr.dtype.element_ty), mask=m)
+        if RELU:  # relu'(x) = (x > 0) gates dx (x = 0 and NaN pass none)
+            dxv = tl.where(inside & (x_in > 0.0), g, 0.0)
+        else:
+            dxv = tl.where(inside, g, 0.0)
+        tl.store(dx_ptr + off, to_dtype(dxv, dx_ptr.dtype.element_ty), mask=m)
         xfq = (clamp_keep_nan(xq, qmin, qmax) - zp2) * scale2
         ds_in = g * (xfq - xf) * inv2
         ds_out = tl.where(below, g * (qmin - zp2), g * (qmax - zp2))
@@ -208,6 +218,7 @@ def fake_quantize_fwd(
     perturbation: Optional[Tensor],
     perturb_scale: Optional[Tensor],
     perturb_before: bool,
+    relu: bool = False,
 ) -> Tensor:
     """Launch :func:`_fake_quantize_fwd_kernel`. Returns a contiguous tensor like x (x.dtype)."""
     xc, sc, zp, e, s = _prepare(x, scale, zero_point, perturbation, perturb_scale)
@@ -220,7 +231,7 @@ def fake_quantize_fwd(
         xc, e, s, sc, zp, y,
         n, C, inner, float(quant_min), float(quant_max),
         PER_CHANNEL=axis is not None, OUTER=outer > 1, HAS_E=perturbation is not None,
-        BEFORE=bool(perturb_before), IDX64=needs_int64(n), BLOCK=BLOCK,
+        BEFORE=bool(perturb_before), RELU=bool(relu), IDX64=needs_int64(n), BLOCK=BLOCK,
         **launch_options(),
     )
     return y
@@ -238,6 +249,7 @@ def fake_quantize_bwd(
     perturbation: Optional[Tensor],
     perturb_scale: Optional[Tensor],
     perturb_before: bool,
+    relu: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Launch :func:`_fake_quantize_bwd_kernel`; returns ``(dx [x.dtype], dscale, dzero_point)``.
 
@@ -260,7 +272,7 @@ def fake_quantize_bwd(
         gc, xc, e, s, sc, zp, dx, part,
         K, C, inner, cdiv(tiles, grid_k), float(quant_min), float(quant_max), float(grad_factor),
         OUTER=outer > 1, HAS_E=perturbation is not None, BEFORE=bool(perturb_before),
-        IDX64=needs_int64(xc.numel()), BLOCK_C=bc, BLOCK_K=bk,
+        IDX64=needs_int64(xc.numel()), BLOCK_C=bc, BLOCK_K=bk, RELU=bool(relu),
         **launch_options(),
     )
     # fixed order over the programs: deterministic. Two separate sums: the op's outputs may not
@@ -271,14 +283,14 @@ def fake_quantize_bwd(
 
 
 def fake_quantize(x, scale, zero_point, quant_min, quant_max, axis, grad_factor,
-                  perturbation, perturb_scale, perturb_before):
+                  perturbation, perturb_scale, perturb_before, relu=False):
     """``saq::fake_quantize`` on the Triton backend (positional signature of saq_kernels/OPS.md)."""
     return fake_quantize_fwd(x, scale, zero_point, quant_min, quant_max, axis, grad_factor,
-                             perturbation, perturb_scale, perturb_before)
+                             perturbation, perturb_scale, perturb_before, relu)
 
 
 def fake_quantize_backward(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor,
-                           perturbation, perturb_scale, perturb_before):
+                           perturbation, perturb_scale, perturb_before, relu=False):
     """``saq::fake_quantize_backward`` on the Triton backend (positional signature of saq_kernels/OPS.md)."""
     return fake_quantize_bwd(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor,
-                             perturbation, perturb_scale, perturb_before)
+                             perturbation, perturb_scale, perturb_before, relu)

@@ -101,11 +101,12 @@ def register_fakes() -> None:
     reg = torch.library.register_fake
 
     @reg("saq_C::fake_quantize")
-    def _(x, scale, zero_point, quant_min, quant_max, axis, grad_factor, e, s, before):
+    def _(x, scale, zero_point, quant_min, quant_max, axis, grad_factor, e, s, before, relu=False):
         return _like(x)
 
     @reg("saq_C::fake_quantize_backward")
-    def _(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor, e, s, before):
+    def _(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor, e, s, before,
+          relu=False):
         return _like(x), _f32(scale), _f32(zero_point)
 
     @reg("saq_C::liq_quantize")

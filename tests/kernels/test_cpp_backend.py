@@ -14,6 +14,8 @@ Skipped, with the backend's own reason, where the extension is not built and can
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -637,6 +639,8 @@ def _opcheck_cases():
         (C.fake_quantize.default, (x, s, z, 0, 15, None, 1.0, e, torch.tensor(0.1), True)),
         (C.fake_quantize.default, (x, sc, zc, -8, 7, -1, 1.0, None, None, False)),
         (C.fake_quantize_backward.default, (g, x, sc, zc, -8, 7, 1, 0.5, None, None, False)),
+        (C.fake_quantize.default, (x, s, z, 0, 15, None, 1.0, None, None, False, True)),
+        (C.fake_quantize_backward.default, (g, x, sc, zc, 0, 7, -1, 0.5, None, None, False, True)),
         (C.liq_quantize.default, (x, clip, 4, True, True, e, torch.tensor(0.1), False)),
         (C.liq_quantize_backward.default, (g, x, clip, 4, False, False, None, None, False)),
         (C.grad_sq_norm.default, (gs, ps, [True, False], 0.01)),
@@ -648,7 +652,48 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(12))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
+
+
+def test_registered_schemas_are_the_documented_ones():
+    """OPS.md's "Native schemas" blocks are what the extension registers (one drifts otherwise)."""
+    import re
+
+    import saq_kernels
+
+    doc = open(os.path.join(os.path.dirname(saq_kernels.__file__), "OPS.md")).read()
+    section = doc.split("## Native schemas")[1]
+    documented = {}
+    for block in re.findall(r"```\n(.*?)```", section, re.S):
+        for line in block.strip().splitlines():
+            documented[line.split("(")[0]] = line.strip()
+    assert {"fake_quantize", "liq_quantize_backward", "fake_quantize_autograd"} <= set(documented)
+    for name, schema in documented.items():
+        registered = str(getattr(C, name).default._schema)
+        assert registered == "saq_C::" + schema, (registered, schema)
+
+
+def test_cuda_home_without_headers_falls_back_to_the_toolkit(tmp_path, monkeypatch):
+    """torch derives CUDA_HOME from `which nvcc`; a wrapper script in /usr/local/bin makes it
+    /usr/local, which has no CUDA headers: the build must use the toolkit's own folder."""
+    import torch.utils.cpp_extension as ce
+
+    from saq_kernels import _build
+
+    wrapper_home, toolkit, empty = tmp_path / "local", tmp_path / "cuda-13.0", tmp_path / "cuda-x"
+    (wrapper_home / "bin").mkdir(parents=True)
+    (toolkit / "include").mkdir(parents=True)
+    (toolkit / "bin").mkdir()
+    (toolkit / "include" / "cuda_runtime_api.h").write_text("")
+    (toolkit / "bin" / "nvcc").write_text("")
+    empty.mkdir()
+    monkeypatch.setattr(ce, "CUDA_HOME", str(wrapper_home))
+    monkeypatch.setenv("CUDA_HOME", str(wrapper_home))
+    assert _build.resolve_cuda_home([str(empty)]) is None
+    assert ce.CUDA_HOME == str(wrapper_home)
+    assert _build.resolve_cuda_home([str(empty), str(toolkit)]) == str(toolkit)
+    assert ce.CUDA_HOME == str(toolkit) and os.environ["CUDA_HOME"] == str(toolkit)
+    assert _build.resolve_cuda_home([]) == str(toolkit)  # a home with headers is kept

@@ -25,7 +25,7 @@ CASES = {  # model, input shape, classes
 }
 
 
-def _pair(name, **kw):
+def _pair(name, quantizer="liq", **kw):
     torch.manual_seed(0)
     base = get_model(name, num_classes=CASES[name][1])
     for m in base.modules():  # exact zeros after these BN channels
@@ -33,8 +33,8 @@ def _pair(name, **kw):
             with torch.no_grad():
                 m.weight[0] = 0.0
                 m.bias[0] = 0.0
-    plain = saq.quantize_model(copy.deepcopy(base), 4, 4, "liq", fold_relu=False, **kw)
-    folded = saq.quantize_model(copy.deepcopy(base), 4, 4, "liq", **kw)
+    plain = saq.quantize_model(copy.deepcopy(base), 4, 4, quantizer, fold_relu=False, **kw)
+    folded = saq.quantize_model(copy.deepcopy(base), 4, 4, quantizer, **kw)
     return plain, folded
 
 
@@ -65,18 +65,28 @@ def test_which_layers_fold():
 def test_fold_only_where_it_is_free():
     assert _folded_names(_pair("preact_resnet20")[0]) == []  # fold_relu=False
     torch.manual_seed(0)
-    m = saq.quantize_model(get_model("preact_resnet20", num_classes=10), 4, 4, "lsq")
-    assert _folded_names(m) == []
+    for quantizer in ("lsq", "lsq+", "pact"):
+        m = saq.quantize_model(get_model("preact_resnet20", num_classes=10), 4, 4, quantizer)
+        assert len(_folded_names(m)) == 19, quantizer
+    m = saq.quantize_model(get_model("preact_resnet20", num_classes=10), 4, 4, "dorefa")
+    assert _folded_names(m) == []  # its clamp passes the gradient at 0: a fold would change it
+    m = saq.quantize_model(get_model("preact_resnet20", num_classes=10), 4, 32, "liq")
+    assert _folded_names(m) == []  # float inputs: the ReLU is all there is
     m = saq.quantize_model(get_model("preact_resnet20", num_classes=10), 4, 4, "liq", signed_activations=True)
     assert _folded_names(m) == []
     m = saq.quantize_model(get_model("mobilenetv2_cifar", num_classes=10), 4, 4, "liq")  # no relu_fed_layers
     assert _folded_names(m) == []
 
 
-@pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("backend", [None, "reference"])
-def test_qat_steps_bitwise_equal(name, backend):
-    plain, folded = _pair(name)
+QAT_CASES = [(name, "liq", backend) for name in CASES for backend in (None, "reference")] + [
+    ("preact_resnet20", q, backend) for q in ("lsq", "lsq+", "pact") for backend in (None, "reference")
+] + [("digits_cnn", "lsq", None), ("resnet18", "lsq", None)]
+
+
+@pytest.mark.parametrize("name, quantizer, backend", QAT_CASES)
+def test_qat_steps_bitwise_equal(name, quantizer, backend):
+    plain, folded = _pair(name, quantizer)
+    assert _folded_names(folded), "nothing folded: the test would compare a model with itself"
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (plain, folded)]
     x, y = _batch(name)
     ctx = sk.use_backend(backend) if backend else torch.enable_grad()
@@ -97,8 +107,9 @@ def test_qat_steps_bitwise_equal(name, backend):
                 opt.step()
 
 
-def test_saq_steps_bitwise_equal():
-    plain, folded = _pair("preact_resnet20")
+@pytest.mark.parametrize("quantizer", ["liq", "lsq"])
+def test_saq_steps_bitwise_equal(quantizer):
+    plain, folded = _pair("preact_resnet20", quantizer)
     x, y = _batch("preact_resnet20")
     opts = [saq.SAQ(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), rho=0.1, case=3)
             for m in (plain, folded)]
@@ -124,8 +135,9 @@ def test_first_batch_init_sees_the_relu_output():
     assert torch.allclose(layer.activation_clip_value, torch.tensor([0.8 * 4.0]))
 
 
-@pytest.mark.parametrize("quantizer,signed,abits", [("lsq", False, 4), ("pact", False, 4), ("liq", True, 4),
-                                                    ("liq", False, 32), ("liq", False, 4)])
+@pytest.mark.parametrize("quantizer,signed,abits", [
+    ("lsq", False, 4), ("lsq", True, 4), ("lsq+", False, 3), ("pact", False, 4), ("dorefa", False, 4),
+    ("liq", True, 4), ("liq", False, 32), ("lsq", False, 32), ("liq", False, 4)])
 def test_input_relu_is_layer_of_relu_for_every_quantizer(quantizer, signed, abits):
     """input_relu on any layer means layer(relu(x)): folded where foldable, applied otherwise."""
     from saq.nn import QConv2d
@@ -135,7 +147,8 @@ def test_input_relu_is_layer_of_relu_for_every_quantizer(quantizer, signed, abit
                 signed_activations=signed)
     b = copy.deepcopy(a)
     b.input_relu = True
-    assert b.relu_foldable == (quantizer == "liq" and not signed and abits != 32)
+    foldable = abits != 32 and (quantizer in ("lsq", "lsq+", "pact") or (quantizer == "liq" and not signed))
+    assert b.relu_foldable == foldable
     x0 = torch.randn(2, 3, 6, 6)
     x0[0, 0] = 0.0
     xa, xb = x0.clone().requires_grad_(), x0.clone().requires_grad_()
