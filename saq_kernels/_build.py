@@ -120,6 +120,38 @@ def _nvcc() -> Optional[str]:
     return shutil.which("nvcc")
 
 
+def _has_cuda_headers(home: Optional[str]) -> bool:
+    return bool(home) and os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h"))
+
+
+def resolve_cuda_home(candidates: Optional[List[str]] = None) -> Optional[str]:
+    """The CUDA toolkit folder the build uses, or None if no toolkit with headers is found.
+
+    torch takes CUDA_HOME from the environment, else from ``which nvcc`` (two levels up). Where
+    ``nvcc`` on the PATH is a wrapper script (``/usr/local/bin/nvcc`` running
+    ``/usr/local/cuda-13.0/bin/nvcc``, as on this project's machines) that gives ``/usr/local``,
+    which has no CUDA headers, and the host files that include ATen's CUDA headers fail with
+    "cuda_runtime_api.h: No such file or directory". Then the toolkit's own folder is used
+    (``/usr/local/cuda-<torch's CUDA version>``, ``/usr/local/cuda``, the newest
+    ``/usr/local/cuda-*``), for torch's build helpers too.
+    """
+    import torch
+    import torch.utils.cpp_extension as ce
+
+    if _has_cuda_headers(ce.CUDA_HOME):
+        return ce.CUDA_HOME
+    if candidates is None:
+        candidates = [f"/usr/local/cuda-{torch.version.cuda}"] if torch.version.cuda else []
+        candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        if _has_cuda_headers(home) and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            _LOG.warning("saq_kernels: CUDA_HOME=%s has no CUDA headers; using %s", ce.CUDA_HOME, home)
+            ce.CUDA_HOME = home  # read by torch's include / library paths and nvcc lookup
+            os.environ["CUDA_HOME"] = home
+            return home
+    return None
+
+
 def cuda_wanted(csrc: str) -> Optional[str]:
     """None if the CUDA kernels should be built here, else why not (a sentence)."""
     import torch
@@ -130,6 +162,11 @@ def cuda_wanted(csrc: str) -> Optional[str]:
         return f"torch {torch.__version__} is a CPU-only build"
     if _nvcc() is None:
         return "nvcc was not found (set CUDA_HOME)"
+    if resolve_cuda_home() is None:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        return (f"no CUDA headers (include/cuda_runtime_api.h) under CUDA_HOME={CUDA_HOME}; "
+                "set CUDA_HOME to the CUDA toolkit's folder")
     if not cuda_sources(csrc):
         return "csrc/cuda has no kernels"
     return None

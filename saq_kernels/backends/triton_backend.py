@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Optional
 
 from . import Backend, register_backend
@@ -65,7 +66,9 @@ def _check_interpreter() -> Optional[str]:
         import triton
 
         try:
-            int(np.ones(1, dtype=np.int32))
+            with warnings.catch_warnings():  # numpy 1.25 - 2.3 warn: deprecated, not refused
+                warnings.simplefilter("ignore", DeprecationWarning)
+                int(np.ones(1, dtype=np.int32))
         except TypeError:
             version = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
             if version < (3, 7):
