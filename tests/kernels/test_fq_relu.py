@@ -20,28 +20,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import saq_kernels as sk  # noqa: E402
+from bit_utils import as_bits  # noqa: E402  (tests/kernels/bit_utils.py)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FQ = torch.ops.saq.fake_quantize
 FQB = torch.ops.saq.fake_quantize_backward
 
 
-def _backends():
-    out = [pytest.param((n, "cpu"), id=f"{n}-cpu") for n in ("reference", "cpp", "triton")]
-    for name in ("cuda", "triton", "reference"):
-        out.append(pytest.param((name, "cuda"), id=f"{name}-cuda", marks=[pytest.mark.gpu]))
-    return out
-
-
-@pytest.fixture(params=_backends())
-def backend(request):
-    name, device = request.param
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    reason = sk.get_backend(name).supports("fake_quantize_backward", device, torch.float32)
-    if reason is not None:
-        pytest.skip(f"{name} backend unavailable on {device}: {reason}")
-    return name, device
+BACKEND_OP = "fake_quantize_backward"  # the op whose availability decides (conftest.op_backend)
 
 
 def _inputs(shape, dtype, device, seed=0):
@@ -59,11 +45,6 @@ def _inputs(shape, dtype, device, seed=0):
     return x.to(dtype).reshape(shape).to(device), g.to(dtype).reshape(shape).to(device)
 
 
-def _bits(t):
-    ity = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
-    return t.contiguous().view(ity)
-
-
 # (shape, axis, quant range, zero point): LSQ unsigned per tensor, per channel on dim 1 and on the
 # last dim (the periodic layouts), LSQ+ with a learned offset, and a signed range
 CASES = [
@@ -77,8 +58,8 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("shape, axis, qrange, zp", CASES)
-def test_equals_relu_then_quantize(backend, dtype, shape, axis, qrange, zp):
-    name, device = backend
+def test_equals_relu_then_quantize(op_backend, dtype, shape, axis, qrange, zp):
+    name, device = op_backend
     x, g = _inputs(shape, dtype, device, seed=len(shape))
     C = 1 if axis is None else shape[axis]
     gen = torch.Generator().manual_seed(1)
@@ -95,11 +76,11 @@ def test_equals_relu_then_quantize(backend, dtype, shape, axis, qrange, zp):
         dx_p, ds_p, _ = FQB(g, x, scale, zero, qmin, qmax, axis, 0.3, None, None, False)
     assert torch.equal(y_f, y_u)
     chain = torch.where(x > 0, dx_u, torch.zeros_like(dx_u))  # threshold_backward of the ReLU
-    assert torch.equal(_bits(dx_f), _bits(chain)), "dx differs from relu's chain rule"
+    assert torch.equal(as_bits(dx_f), as_bits(chain)), "dx differs from relu's chain rule"
     assert torch.equal(ds_f, ds_u), (ds_f, ds_u)
     assert torch.equal(dz_f, dz_u), (dz_f, dz_u)
     # the plain quantizer is not the fold: code-0 negatives and exact zeros pass its gradient
-    assert not (torch.equal(_bits(dx_p), _bits(dx_f)) and torch.equal(ds_p, ds_f))
+    assert not (torch.equal(as_bits(dx_p), as_bits(dx_f)) and torch.equal(ds_p, ds_f))
 
 
 def test_nan_follows_torch_relu():
@@ -132,10 +113,10 @@ def test_reference_float64():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_public_op_autograd(backend, dtype):
+def test_public_op_autograd(op_backend, dtype):
     """sk.fake_quantize(relu=True) through autograd (the native fast path where the backend is
     native, the custom op otherwise) against torch.relu followed by the quantizer."""
-    name, device = backend
+    name, device = op_backend
     x0, g = _inputs((7, 111), dtype, device, seed=5)
     s0, z0 = torch.tensor([0.07], device=device), torch.tensor([1.0], device=device)
     with sk.use_backend(name):
@@ -146,7 +127,7 @@ def test_public_op_autograd(backend, dtype):
         y2 = sk.fake_quantize(torch.relu(x), s, z, 0, 15, None, 0.5)
         grads_u = torch.autograd.grad(y2, [x, s, z], g)
     assert torch.equal(y, y2)
-    assert torch.equal(_bits(grads_f[0]), _bits(grads_u[0]))
+    assert torch.equal(as_bits(grads_f[0]), as_bits(grads_u[0]))
     assert torch.equal(grads_f[1], grads_u[1]) and torch.equal(grads_f[2], grads_u[2])
 
 

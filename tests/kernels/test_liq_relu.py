@@ -19,28 +19,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import saq_kernels as sk  # noqa: E402
+from bit_utils import as_bits  # noqa: E402  (tests/kernels/bit_utils.py)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _backends():
-    out = []
-    for name in ("reference", "cpp", "triton"):
-        out.append(pytest.param((name, "cpu"), id=f"{name}-cpu"))
-    for name in ("cuda", "triton", "reference"):
-        out.append(pytest.param((name, "cuda"), id=f"{name}-cuda", marks=[pytest.mark.gpu]))
-    return out
-
-
-@pytest.fixture(params=_backends())
-def backend(request):
-    name, device = request.param
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    reason = sk.get_backend(name).supports("liq_quantize_backward", device, torch.float32)
-    if reason is not None:
-        pytest.skip(f"{name} backend unavailable on {device}: {reason}")
-    return name, device
+BACKEND_OP = "liq_quantize_backward"  # the op whose availability decides (conftest.op_backend)
 
 
 def _inputs(dtype, device, n=4099, seed=0):
@@ -55,16 +39,11 @@ def _inputs(dtype, device, n=4099, seed=0):
     return x.to(device), g.to(device)
 
 
-def _bits(t):
-    ity = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
-    return t.contiguous().view(ity)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("clip_value", [1.1, -0.7, 2e10])
-def test_backward_equals_relu_then_quantize(backend, dtype, bits, clip_value):
-    name, device = backend
+def test_backward_equals_relu_then_quantize(op_backend, dtype, bits, clip_value):
+    name, device = op_backend
     x, g = _inputs(dtype, device, seed=bits)
     clip = torch.tensor([clip_value], device=device)
     r = torch.relu(x)
@@ -74,7 +53,7 @@ def test_backward_equals_relu_then_quantize(backend, dtype, bits, clip_value):
         y_f = torch.ops.saq.liq_quantize(x, clip, bits, False, False, None, None, False, True)
         y_u = torch.ops.saq.liq_quantize(r, clip, bits, False, False, None, None, False)
     chain = torch.where(x > 0, dx_u, torch.zeros_like(dx_u))  # threshold_backward of the ReLU
-    assert torch.equal(_bits(dx_f), _bits(chain)), "dx differs from relu's chain rule"
+    assert torch.equal(as_bits(dx_f), as_bits(chain)), "dx differs from relu's chain rule"
     assert torch.equal(dc_f, dc_u), (dc_f, dc_u)
     assert torch.equal(y_f, y_u)  # value-equal (a -0.0 input may give -0.0 where relu gives +0.0)
     # the fold is not the plain quantizer: at x = 0 the closed range would pass the gradient
@@ -94,10 +73,10 @@ def test_reference_float64():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_public_op_autograd(backend, dtype):
+def test_public_op_autograd(op_backend, dtype):
     """sk.liq_quantize(relu=True) through autograd (the native fast path where the backend is
     native, the custom op otherwise) against torch.relu followed by the quantizer."""
-    name, device = backend
+    name, device = op_backend
     x0, g = _inputs(dtype, device, n=777, seed=5)
     c0 = torch.tensor([1.3], device=device)
     with sk.use_backend(name):
@@ -108,7 +87,7 @@ def test_public_op_autograd(backend, dtype):
         y2 = sk.liq_quantize(torch.relu(x), clip, 4, False)
         dx_u, dc_u = torch.autograd.grad(y2, [x, clip], g)
     assert torch.equal(y, y2)
-    assert torch.equal(_bits(dx_f), _bits(dx_u))
+    assert torch.equal(as_bits(dx_f), as_bits(dx_u))
     assert torch.equal(dc_f, dc_u)
 
 
