@@ -16,6 +16,9 @@ Providers (op ``train_step``, mode ``step``: one optimizer step, both passes for
     qat-default      the same, default backend selection (the fused kernels where available)
     saq-reference    ``saq.SAQ(qmodel, sgd, rho=0.05, case=3)`` step on the reference backend
     saq-default      the same, default backend selection
+Interleaved rows (float, QAT, SAQ and the efficient mode; and, mode ``step-fold-interleaved``, QAT
+with LIQ / LSQ with and without ``fold_relu``: ``qat-liq-unfolded``, ``qat-lsq``,
+``qat-lsq-unfolded``) time their providers round-robin in the same rounds.
 The qat-/saq- providers skip, with the reason, while ``saq.quantize_model`` / ``saq.SAQ`` are not
 importable yet. Compute-bound: no bytes or copy ratio. ``peak_mem_mb``: GPU
 ``torch.cuda.max_memory_allocated`` during one step (absolute); CPU: growth of the peak resident
@@ -303,8 +306,9 @@ def _peak_mb(call):
         return None
 
 
-def _build(provider, model_name, batch, dtype):
-    """(step, backend, note, numel): one training step of ``provider`` on a fresh model."""
+def _build(provider, model_name, batch, dtype, quantizer="liq", fold_relu=True):
+    """(step, backend, note, numel): one training step of ``provider`` on a fresh model
+    (qat- / saq- providers: W4A4 with ``quantizer``, ReLUs folded into it if ``fold_relu``)."""
     from saq_kernels import default_order
 
     try:
@@ -346,9 +350,10 @@ def _build(provider, model_name, batch, dtype):
         note = "LIQ W4A4, reference quantizer math, Case 3"
     else:
         try:
-            qmodel = quantize_model(model, weight_bits=4, act_bits=4, quantizer="liq")
+            qmodel = quantize_model(model, weight_bits=4, act_bits=4, quantizer=quantizer,
+                                    fold_relu=fold_relu)
         except Exception as exc:
-            pytest.skip(f"saq.quantize_model(model, 4, 4, 'liq') failed: {type(exc).__name__}: {exc}")
+            pytest.skip(f"saq.quantize_model(model, 4, 4, {quantizer!r}) failed: {type(exc).__name__}: {exc}")
         qmodel = (qmodel if isinstance(qmodel, nn.Module) else model).to(CFG.device).train()
         if provider.startswith("qat-"):
             step = _plain_step(qmodel, _sgd(qmodel), x, y, amp)
@@ -397,19 +402,13 @@ def _interleaved_params():
     return out
 
 
-@pytest.mark.parametrize("model_name,batch,dtype", _interleaved_params())
-def test_train_step_interleaved(benchmark, model_name, batch, dtype):
-    """float, QAT, SAQ and efficient-mode steps timed round-robin (float, qat, saq, a 4-step
-    efficient cycle divided by 4, float, ...), one row each (mode ``step-interleaved``). The issue's targets are ratios of these steps; on a shared
-    machine whose speed drifts by 10-20 % between minutes (seen here: the same float step at
-    207-254 ms in back-to-back runs), timing the three in turn is what makes the ratio mean
-    something. The sequential ``step`` rows stay for the full provider table."""
-    H.check_budget()
-    built = {p: _build(p, model_name, batch, dtype) for p in INTERLEAVED}
+def _time_round_robin(benchmark, built, per_call, short_rounds=7):
+    """Median-ready samples (ms per step) of each built step, timed round-robin after warm-ups
+    (``short_rounds`` rounds in the short suite, at least 15 in the full one)."""
     quick = bool(getattr(benchmark, "disabled", False)) or CFG.suite == "tiny"
     tm = _timing()
-    rounds = 1 if quick else max(tm.min_reps, 7 if CFG.suite == "short" else 15)
-    samples = {p: [] for p in INTERLEAVED}
+    rounds = 1 if quick else max(tm.min_reps, short_rounds if CFG.suite == "short" else 15, short_rounds)
+    samples = {p: [] for p in built}
 
     def target():
         for step, _, _, _ in built.values():
@@ -421,17 +420,57 @@ def test_train_step_interleaved(benchmark, model_name, batch, dtype):
                 t = time.perf_counter()
                 step()
                 H.sync()
-                per_call = EFFICIENT_K if p == "saq-efficient4" else 1
-                samples[p].append((time.perf_counter() - t) * 1e3 / per_call)
+                samples[p].append((time.perf_counter() - t) * 1e3 / per_call.get(p, 1))
 
     benchmark.pedantic(target, rounds=1, iterations=1, warmup_rounds=0)
+    return samples
+
+
+def _record_interleaved(built, samples, mode, model_name, batch, dtype):
     float_ms = statistics.median(samples["float"])
     for p, (_, _, note, numel) in built.items():
         s = H.Samples(samples[p])
         ratio = s.median / float_ms
         H.RECORDER.add(H.make_row(
-            op=OP, provider=p, mode="step-interleaved", shape=f"{model_name}/b{batch}", numel=numel,
+            op=OP, provider=p, mode=mode, shape=f"{model_name}/b{batch}", numel=numel,
             dtype=dtype, median_ms=s.median, p20_ms=s.quantile(0.2), p80_ms=s.quantile(0.8),
             reps=len(s.ms), rotate=1,
             note=(note + "; " if note else "") + f"{ratio:.3f}x the float step timed in the same rounds"))
+
+
+@pytest.mark.parametrize("model_name,batch,dtype", _interleaved_params())
+def test_train_step_interleaved(benchmark, model_name, batch, dtype):
+    """float, QAT, SAQ and efficient-mode steps timed round-robin (float, qat, saq, a 4-step
+    efficient cycle divided by 4, float, ...), one row each (mode ``step-interleaved``). The issue's targets are ratios of these steps; on a shared
+    machine whose speed drifts by 10-20 % between minutes (seen here: the same float step at
+    207-254 ms in back-to-back runs), timing the three in turn is what makes the ratio mean
+    something. The sequential ``step`` rows stay for the full provider table."""
+    H.check_budget()
+    built = {p: _build(p, model_name, batch, dtype) for p in INTERLEAVED}
+    samples = _time_round_robin(benchmark, built, {"saq-efficient4": EFFICIENT_K})
+    _record_interleaved(built, samples, "step-interleaved", model_name, batch, dtype)
     benchmark.group = f"{OP} interleaved {model_name}/b{batch} {dtype}"
+
+
+# ----------------------------------------------------------------------------------------------
+# what folding the ReLUs into the activation quantizers saves, measured interleaved
+# ----------------------------------------------------------------------------------------------
+FOLD = {  # provider -> (quantizer, fold_relu); "qat-default" is LIQ with the fold (the default)
+    "qat-default": ("liq", True), "qat-liq-unfolded": ("liq", False),
+    "qat-lsq": ("lsq", True), "qat-lsq-unfolded": ("lsq", False),
+}
+
+
+@pytest.mark.parametrize("model_name,batch,dtype", _interleaved_params())
+def test_relu_fold_interleaved(benchmark, model_name, batch, dtype):
+    """QAT steps with and without ``quantize_model(fold_relu=...)``, LIQ and LSQ, and the float
+    step, timed round-robin (mode ``step-fold-interleaved``): the fold's saving on a drifting
+    machine is a few percent, less than the drift between separately timed runs."""
+    H.check_budget()
+    built = {"float": _build("float", model_name, batch, dtype)}
+    for p, (quantizer, fold) in FOLD.items():
+        built[p] = _build("qat-default", model_name, batch, dtype, quantizer=quantizer, fold_relu=fold)
+    # 15 rounds: the saving (a few percent) is the size of this VM's minute-to-minute drift
+    samples = _time_round_robin(benchmark, built, {}, short_rounds=15)
+    _record_interleaved(built, samples, "step-fold-interleaved", model_name, batch, dtype)
+    benchmark.group = f"{OP} fold interleaved {model_name}/b{batch} {dtype}"

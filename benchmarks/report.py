@@ -25,7 +25,7 @@ DTYPE_ORDER = ("fp32", "bf16", "fp16")
 
 def provider_rank(p: str):
     order = ["saq-cuda", "saq-triton", "saq-cpp", "saq-reference", "saq-default", "qat-default",
-             "qat-reference", "torch-learnable", "torch-fq", "torch-fused", "foreach", "loop",
+             "qat-liq-unfolded", "qat-lsq", "qat-lsq-unfolded", "qat-reference", "torch-learnable", "torch-fq", "torch-fused", "foreach", "loop",
              "float", "float-sam-loop", "refsaq-loop", "reference-eager", "reference-compile"]
     return (order.index(p) if p in order else len(order), p)
 
