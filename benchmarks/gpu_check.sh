@@ -89,7 +89,7 @@ if [ "${SAQ_CHECK_SKIP_TESTS:-0}" = 1 ]; then
 elif [ ! -d tests/kernels ]; then
   say "tests: SKIPPED: no tests/kernels"
 else
-  T=$(cap 120 200)
+  T=$(cap 150 180)  # ~500 gpu tests, many of them compiling a Triton variant first
   say "tests: pytest -m gpu tests/kernels tests/training (timeout ${T}s)"
   timeout -s INT -k 10 "$T" "$PY" -m pytest -m gpu tests/kernels tests/training -q -rfEs -p no:cacheprovider \
     >"$WORK/tests.log" 2>&1
