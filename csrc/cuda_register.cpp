@@ -389,6 +389,35 @@ std::optional<Tensor> found_inf_param(const char* op, const std::optional<Tensor
   return scalar_param(op, "found_inf", *found_inf, device, at::kFloat);
 }
 
+// The restore + step ops (SGD, AdamW) read, per parameter i, the value to update through its
+// backup pointer. A parameter past the backup prefix is "restored" from itself: that pointer is
+// p's own, so the same element is read once and written once. Checks p, its backup and its
+// gradient; returns the tensor to read (backups[i], or p).
+const Tensor& restore_source(const char* op, size_t i, const Tensor& p, TensorList backups,
+                             TensorList grads, const at::Device& device) {
+  check_device(op, item("params", i), p, device);
+  kernel_dtype(op, item("params", i), p);
+  const bool has_b = i < backups.size();
+  if (has_b) check_pair(op, "backups", i, backups[i], p, "params", device);
+  check_pair(op, "grads", i, grads[i], p, "params", device);
+  return has_b ? backups[i] : p;
+}
+
+// Appends parameter i's first three pointer columns (p, its restore source, its gradient) and
+// its size to a restore + step group; contiguous copies of the read-only inputs when the
+// parameter's tensors do not share one dense layout (`direct` false) are kept alive in `keep`.
+void push_restore_step(Group& grp, std::vector<Tensor>& keep, void* p_ptr, const Tensor& p,
+                       const Tensor& source, bool has_backup, const Tensor& grad, bool direct) {
+  Tensor b = (direct || !has_backup) ? source : source.contiguous();
+  Tensor g = direct ? grad : grad.contiguous();
+  keep.push_back(b);
+  keep.push_back(g);
+  grp.ptrs[0].push_back(p_ptr);
+  grp.ptrs[1].push_back(has_backup ? b.data_ptr() : p_ptr);
+  grp.ptrs[2].push_back(g.data_ptr());
+  grp.numels.push_back(p.numel());
+}
+
 std::tuple<Tensor, Tensor> grad_sq_norm(TensorList grads, TensorList params,
                                         c10::List<bool> adaptive, double eta) {
   const char* op = "grad_sq_norm";
@@ -548,14 +577,7 @@ void sam_restore_sgd_(TensorList params, TensorList backups, TensorList grads,
   std::map<at::ScalarType, Group> groups;
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = params[i];
-    check_device(op, item("params", i), p, device);
-    kernel_dtype(op, item("params", i), p);
-    // A parameter without a backup is "restored" from itself: the kernel reads the value to
-    // update through the backup pointer, so the same element is read once and written once.
-    const bool has_b = i < backups.size();
-    const Tensor& bk = has_b ? backups[i] : p;
-    if (has_b) check_pair(op, "backups", i, bk, p, "params", device);
-    check_pair(op, "grads", i, grads[i], p, "params", device);
+    const Tensor& bk = restore_source(op, i, p, backups, grads, device);
     // Without momentum the buffers are never touched (the Python wrapper passes grads there).
     const Tensor& buf = use_buf ? momentum_buffers[i] : grads[i];
     if (use_buf) check_pair(op, "momentum_buffers", i, buf, p, "params", device);
@@ -567,16 +589,9 @@ void sam_restore_sgd_(TensorList params, TensorList backups, TensorList grads,
       writes.emplace_back(buf, direct);
       buf_ptr = writes.back().ptr();
     }
-    Tensor b = (direct || !has_b) ? bk : bk.contiguous();
-    Tensor g = direct ? grads[i] : grads[i].contiguous();
-    keep.push_back(b);
-    keep.push_back(g);
     Group& grp = groups.try_emplace(p.scalar_type(), 4).first->second;
-    grp.ptrs[0].push_back(p_ptr);
-    grp.ptrs[1].push_back(has_b ? b.data_ptr() : p_ptr);
-    grp.ptrs[2].push_back(g.data_ptr());
-    grp.ptrs[3].push_back(use_buf ? buf_ptr : g.data_ptr());
-    grp.numels.push_back(p.numel());
+    push_restore_step(grp, keep, p_ptr, p, bk, i < backups.size(), grads[i], direct);
+    grp.ptrs[3].push_back(use_buf ? buf_ptr : grp.ptrs[2].back());
   }
   const cudaStream_t stream = current_stream();
   for (auto& [dt, grp] : groups) {
@@ -619,12 +634,7 @@ void sam_restore_adamw_(TensorList params, TensorList backups, TensorList grads,
   std::map<at::ScalarType, std::vector<float*>> group_steps;
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = params[i];
-    check_device(op, item("params", i), p, device);
-    kernel_dtype(op, item("params", i), p);
-    const bool has_b = i < backups.size();  // no backup: restored from itself (see SGD)
-    const Tensor& bk = has_b ? backups[i] : p;
-    if (has_b) check_pair(op, "backups", i, bk, p, "params", device);
-    check_pair(op, "grads", i, grads[i], p, "params", device);
+    const Tensor& bk = restore_source(op, i, p, backups, grads, device);
     check_pair(op, "exp_avgs", i, exp_avgs[i], p, "params", device);
     check_pair(op, "exp_avg_sqs", i, exp_avg_sqs[i], p, "params", device);
     const Tensor& st = steps[i];
@@ -642,17 +652,10 @@ void sam_restore_adamw_(TensorList params, TensorList backups, TensorList grads,
     void* m_ptr = writes.back().ptr();
     writes.emplace_back(exp_avg_sqs[i], direct);
     void* v_ptr = writes.back().ptr();
-    Tensor b = (direct || !has_b) ? bk : bk.contiguous();
-    Tensor g = direct ? grads[i] : grads[i].contiguous();
-    keep.push_back(b);
-    keep.push_back(g);
     Group& grp = groups.try_emplace(p.scalar_type(), 5).first->second;
-    grp.ptrs[0].push_back(p_ptr);
-    grp.ptrs[1].push_back(has_b ? b.data_ptr() : p_ptr);
-    grp.ptrs[2].push_back(g.data_ptr());
+    push_restore_step(grp, keep, p_ptr, p, bk, i < backups.size(), grads[i], direct);
     grp.ptrs[3].push_back(m_ptr);
     grp.ptrs[4].push_back(v_ptr);
-    grp.numels.push_back(p.numel());
     group_steps[p.scalar_type()].push_back(st.data_ptr<float>());
   }
   const cudaStream_t stream = current_stream();

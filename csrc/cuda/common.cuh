@@ -227,6 +227,44 @@ inline int grid_for(int64_t work, int threads, int blocks_per_sm) {
   return static_cast<int>(g < 1 ? 1 : g);
 }
 
+// ---------------------------------------------------------------------------------------------
+// dtype dispatch of the launchers: f(Tag<T>{}) with T the kernel's element type
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<T>{}) for the element type T of dtype.
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat:
+      return f(Tag<float>{});
+    case DType::kHalf:
+      return f(Tag<__half>{});
+    case DType::kBFloat16:
+      return f(Tag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Calls f(Tag<T>{}, Tag<TE>{}) for the element type T of x and the perturbation type TE (T, or
+// float when the perturbation is fp32 and x is not): the quantizers' launchers.
+template <typename F>
+cudaError_t dispatch_x_e(DType dtype, bool e_fp32, F&& f) {
+  switch (dtype) {
+    case DType::kFloat:
+      return f(Tag<float>{}, Tag<float>{});
+    case DType::kHalf:
+      return e_fp32 ? f(Tag<__half>{}, Tag<float>{}) : f(Tag<__half>{}, Tag<__half>{});
+    case DType::kBFloat16:
+      return e_fp32 ? f(Tag<__nv_bfloat16>{}, Tag<float>{})
+                    : f(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace detail
 }  // namespace cuda
 }  // namespace saq

@@ -23,7 +23,9 @@ using detail::to_f;
 enum InputMode : int { kNoPerturb = 0, kBefore = 1, kAfter = 2, kRelu = 3 };
 
 // Only the perturbed modes read e and s (their pointers are null otherwise).
-__host__ __device__ __forceinline__ bool reads_e(int mode) { return mode == kBefore || mode == kAfter; }
+__host__ __device__ __forceinline__ bool reads_e(int mode) {
+  return mode == kBefore || mode == kAfter;
+}
 
 struct FqKernelArgs {
   const float* scale;
@@ -301,27 +303,6 @@ __global__ void __launch_bounds__(kThreads, detail::kMinBlocks)
 // ---------------------------------------------------------------------------------------------
 // host side
 // ---------------------------------------------------------------------------------------------
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-// Calls f(Tag<T>{}, Tag<TE>{}) for the element type T of x and the perturbation type TE (T, or
-// float when the perturbation is fp32 and x is not).
-template <typename F>
-cudaError_t dispatch(DType dtype, bool e_fp32, F&& f) {
-  switch (dtype) {
-    case DType::kFloat:
-      return f(Tag<float>{}, Tag<float>{});
-    case DType::kHalf:
-      return e_fp32 ? f(Tag<__half>{}, Tag<float>{}) : f(Tag<__half>{}, Tag<__half>{});
-    case DType::kBFloat16:
-      return e_fp32 ? f(Tag<__nv_bfloat16>{}, Tag<float>{})
-                    : f(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 int vec_width(DType dtype) { return dtype == DType::kFloat ? 4 : 8; }
 
 FqKernelArgs kernel_args(const FakeQuantArgs& a, bool backward) {
@@ -384,7 +365,7 @@ cudaError_t fake_quantize_fwd(const FakeQuantArgs& a, void* y, cudaStream_t stre
   const FqKernelArgs k = kernel_args(a, /*backward=*/false);
   const int n_per_vec = vec_width(a.dtype);
   const int grid = detail::grid_for((a.numel + n_per_vec - 1) / n_per_vec, kThreads, 8);
-  return dispatch(a.dtype, a.perturbation_fp32, [&](auto t, auto te) {
+  return detail::dispatch_x_e(a.dtype, a.perturbation_fp32, [&](auto t, auto te) {
     using T = typename decltype(t)::type;
     using TE = typename decltype(te)::type;
     const T* x = static_cast<const T*>(a.x);
@@ -418,7 +399,7 @@ cudaError_t fake_quantize_bwd(const FakeQuantArgs& a, const void* grad, void* dx
   double* partials = static_cast<double*>(workspace);
   // Only Case 2 (perturb_before) reads the perturbation in the backward.
   const bool e_fp32 = k.mode == kBefore && a.perturbation_fp32;
-  return dispatch(a.dtype, e_fp32, [&](auto t, auto te) {
+  return detail::dispatch_x_e(a.dtype, e_fp32, [&](auto t, auto te) {
     using T = typename decltype(t)::type;
     using TE = typename decltype(te)::type;
     const T* g = static_cast<const T*>(grad);

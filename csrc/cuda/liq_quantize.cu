@@ -214,25 +214,6 @@ __global__ void __launch_bounds__(kThreads, detail::kMinBlocks)
 // ---------------------------------------------------------------------------------------------
 // host side
 // ---------------------------------------------------------------------------------------------
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-template <typename F>
-cudaError_t dispatch(DType dtype, bool e_fp32, F&& f) {
-  switch (dtype) {
-    case DType::kFloat:
-      return f(Tag<float>{}, Tag<float>{});
-    case DType::kHalf:
-      return e_fp32 ? f(Tag<__half>{}, Tag<float>{}) : f(Tag<__half>{}, Tag<__half>{});
-    case DType::kBFloat16:
-      return e_fp32 ? f(Tag<__nv_bfloat16>{}, Tag<float>{})
-                    : f(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 // Blocks of every LIQ kernel of one call (the same for the statistics of forward and backward).
 int liq_grid(const LiqArgs& a) {
   const int64_t n_per_vec = a.dtype == DType::kFloat ? 4 : 8;
@@ -299,7 +280,7 @@ cudaError_t liq_quantize_fwd(const LiqArgs& a, void* y, void* workspace, cudaStr
   const int grid = liq_grid(a);
   const Workspace w = carve(workspace, grid);
   const LiqKernelArgs k = kernel_args(a, w, /*backward=*/false);
-  return dispatch(a.dtype, k.mode != kNoPerturb && a.perturbation_fp32, [&](auto t, auto te) {
+  return detail::dispatch_x_e(a.dtype, k.mode != kNoPerturb && a.perturbation_fp32, [&](auto t, auto te) {
     using T = typename decltype(t)::type;
     using TE = typename decltype(te)::type;
     if (a.standardize) {
@@ -320,7 +301,7 @@ cudaError_t liq_quantize_bwd(const LiqArgs& a, const void* grad, void* dx, float
   const Workspace w = carve(workspace, grid);
   const LiqKernelArgs k = kernel_args(a, w, /*backward=*/true);
   const void* e_ptr = k.mode == kBefore ? a.perturbation : nullptr;
-  return dispatch(a.dtype, k.mode == kBefore && a.perturbation_fp32, [&](auto t, auto te) {
+  return detail::dispatch_x_e(a.dtype, k.mode == kBefore && a.perturbation_fp32, [&](auto t, auto te) {
     using T = typename decltype(t)::type;
     using TE = typename decltype(te)::type;
     if (a.standardize) {

@@ -388,27 +388,6 @@ __global__ void __launch_bounds__(kMtThreads)
   for (int i = threadIdx.x; i < tab.count; i += blockDim.x) tab.step[i][0] += 1.0f;
 }
 
-// ---------------------------------------------------------------------------------------------
-// host side
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-template <typename F>
-cudaError_t dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat:
-      return f(Tag<float>{});
-    case DType::kHalf:
-      return f(Tag<__half>{});
-    case DType::kBFloat16:
-      return f(Tag<__nv_bfloat16>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 int64_t sam_num_chunks(int64_t num_tensors, const int64_t* numels) {
@@ -424,7 +403,7 @@ cudaError_t grad_sq_norm_partials(DType dtype, int64_t num_tensors, const void* 
   void* const* const lists[2] = {const_cast<void* const*>(grads), const_cast<void* const*>(params)};
   const int64_t base = *offset;
   *offset += sam_num_chunks(num_tensors, numels);
-  return dispatch(dtype, [&](auto tag) {
+  return detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return mt_apply<2>(num_tensors, lists, numels, adaptive, kSamChunk,
                        [&](const MtTable<2>& tab, int nblocks, int64_t first) {
@@ -445,7 +424,7 @@ cudaError_t sam_perturb(DType dtype, int64_t num_tensors, void* const* params,
                         const void* const* grads, void* const* backups, const int64_t* numels,
                         const uint8_t* adaptive, const void* scale, cudaStream_t stream) {
   void* const* const lists[3] = {params, const_cast<void* const*>(grads), backups};
-  return dispatch(dtype, [&](auto tag) {
+  return detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return mt_apply<3>(num_tensors, lists, numels, adaptive, kSamChunk,
                        [&](const MtTable<3>& tab, int nblocks, int64_t) {
@@ -479,7 +458,7 @@ cudaError_t sam_restore_sgd(DType dtype, int64_t num_tensors, void* const* param
   k.nesterov = a.nesterov;
   k.first_step = a.first_step;
   k.found_inf = a.found_inf;
-  return dispatch(dtype, [&](auto tag) {
+  return detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return mt_apply<4>(num_tensors, lists, numels, nullptr, kSamChunk,
                        [&](const MtTable<4>& tab, int nblocks, int64_t) {
@@ -509,7 +488,7 @@ cudaError_t sam_restore_adamw(DType dtype, int64_t num_tensors, void* const* par
   k.eps = static_cast<float>(a.eps);
   k.weight_decay = static_cast<float>(a.weight_decay);
   k.found_inf = a.found_inf;
-  cudaError_t err = dispatch(dtype, [&](auto tag) {
+  cudaError_t err = detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return mt_apply<6>(num_tensors, lists, numels, nullptr, kSamChunk,
                        [&](const MtTable<6>& tab, int nblocks, int64_t) {
