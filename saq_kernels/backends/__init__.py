@@ -172,6 +172,11 @@ def use_backend(name: str) -> Iterator[Backend]:
         stack.pop()
 
 
+def _serving(op: str, device_type: str, dtype) -> List[str]:
+    """The backends that can serve ``op`` for this input."""
+    return [n for n, b in _BACKENDS.items() if b.supports(op, device_type, dtype) is None]
+
+
 def select(op: str, device_type: str, dtype=None) -> Callable:
     """Return the implementation of ``op`` for this input (see module docstring for the rule)."""
     _ensure_registered()
@@ -183,7 +188,7 @@ def select(op: str, device_type: str, dtype=None) -> Callable:
             raise RuntimeError(
                 f"saq::{op}: backend {name!r} was requested (use_backend / SAQ_BACKEND) but cannot "
                 f"serve this input ({device_type}, {dtype}): {reason}. Unset SAQ_BACKEND or pick "
-                f"one of {[n for n, r in available_backends().items() if r is None]}."
+                f"one that can: {_serving(op, device_type, dtype)}."
             )
         return backend.table()[op]
     for cand in _DEFAULT_ORDER.get(device_type, ["reference"]):

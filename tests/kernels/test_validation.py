@@ -140,3 +140,14 @@ def test_triton_interpreter_numpy_incompatibility_is_reported(monkeypatch, versi
     monkeypatch.setattr(tb, "_interpreted", True)
     assert tb._supports("fake_quantize", "cpu", torch.float32) == reason
     assert tb._supports("fake_quantize", "cuda", torch.float32) is None  # GPUs are not affected
+
+
+def test_requested_backend_that_cannot_serve_names_the_ones_that_can():
+    if sk.available_backends()["triton"] is not None:
+        pytest.skip("triton backend unavailable here")
+    x = torch.randn(4, 3, dtype=torch.float64)  # the Triton kernels take fp32 / fp16 / bf16
+    with sk.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="float64") as info:
+            sk.liq_quantize(x, torch.tensor([1.0], dtype=torch.float64), 4, True)
+    tail = str(info.value).split("one that can:")[1]
+    assert "'reference'" in tail and "'triton'" not in tail
