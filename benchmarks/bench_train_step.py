@@ -59,6 +59,10 @@ def _timing():
 
 
 def _dtypes():
+    """fp32 (and bf16 autocast on a GPU in the full suite); SAQ_BENCH_DTYPES, when set, picks
+    among fp32 / bf16 (e.g. bf16 autocast on a CPU with AVX512-BF16)."""
+    if H._env("SAQ_BENCH_DTYPES"):
+        return [d for d in ("fp32", "bf16") if d in CFG.dtypes]
     return ["fp32"] + (["bf16"] if CFG.is_cuda and CFG.suite == "full" else [])
 
 
