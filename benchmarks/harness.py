@@ -524,6 +524,27 @@ def copy_ms(nbytes: int, quick: bool) -> float:
     return ms
 
 
+_ALLOC_COPY_MS: Dict[int, float] = {}
+
+
+def alloc_copy_ms(nbytes: int, quick: bool) -> float:
+    """Median time of ``src.clone()`` moving ``nbytes``: a copy that allocates its output, as an
+    out-of-place op does. On the CPU an output above glibc's mmap ceiling (32 MB) is mapped
+    afresh every call and its pages fault in on first touch, a cost ``copy_ms`` (into a
+    preallocated buffer) does not include; this row shows it (it is not the ratio's base)."""
+    if nbytes in _ALLOC_COPY_MS:
+        return _ALLOC_COPY_MS[nbytes]
+    half = max(1, nbytes // 2)
+    k = 1 if (quick or CFG.suite == "tiny") else rotation_count(nbytes)
+    srcs = [torch.empty(half, dtype=torch.uint8, device=CFG.device).fill_(i % 251 + 1) for i in range(k)]
+    calls = [lambda s=s: s.clone() for s in srcs]
+    ms = time_calls(calls, quick=quick).median
+    if not quick:
+        _ALLOC_COPY_MS[nbytes] = ms
+    del srcs, calls
+    return ms
+
+
 def peak_extra_mb(call: Callable[[], object]) -> Optional[float]:
     """GPU: memory allocated beyond the inputs during one call (outputs + temporaries), MiB."""
     if not CFG.is_cuda:
@@ -684,6 +705,12 @@ def run_case(benchmark, *, op: str, provider: str, mode: str, shape: str, numel:
                                   copy_ms=cms, copy_gbps=nbytes / cms / 1e6, ratio_to_copy=1.0,
                                   rotate=_COPY_MS.get(nbytes, (0, k))[1],
                                   note="uint8 dst.copy_(src) of bytes/2"))
+            ams = alloc_copy_ms(nbytes, quick)
+            RECORDER.add(make_row(op=op, provider="copy-alloc", mode=mode, shape=shape, numel=numel,
+                                  dtype=dtype, median_ms=ams, bytes=nbytes, gbps=nbytes / ams / 1e6,
+                                  copy_ms=cms, copy_gbps=nbytes / cms / 1e6, ratio_to_copy=ams / cms,
+                                  rotate=_COPY_MS.get(nbytes, (0, k))[1],
+                                  note="uint8 src.clone() of bytes/2: a copy that allocates its output"))
     row = make_row(**fields)
     RECORDER.add(row)
     benchmark.group = f"{op} {mode} {shape} {dtype}"

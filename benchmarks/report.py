@@ -26,7 +26,8 @@ DTYPE_ORDER = ("fp32", "bf16", "fp16")
 def provider_rank(p: str):
     order = ["saq-cuda", "saq-triton", "saq-cpp", "saq-reference", "saq-default", "qat-default",
              "qat-liq-unfolded", "qat-lsq", "qat-lsq-unfolded", "qat-reference", "torch-learnable", "torch-fq", "torch-fused", "foreach", "loop",
-             "float", "float-sam-loop", "refsaq-loop", "reference-eager", "reference-compile"]
+             "float", "float-sam-loop", "refsaq-loop", "reference-eager", "reference-compile",
+             "copy-alloc"]
     return (order.index(p) if p in order else len(order), p)
 
 
