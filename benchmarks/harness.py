@@ -525,6 +525,7 @@ def copy_ms(nbytes: int, quick: bool) -> float:
 
 
 _ALLOC_COPY_MS: Dict[int, float] = {}
+_COPY_ROWS_ALLOC: set = set()
 
 
 def alloc_copy_ms(nbytes: int, quick: bool) -> float:
@@ -705,6 +706,9 @@ def run_case(benchmark, *, op: str, provider: str, mode: str, shape: str, numel:
                                   copy_ms=cms, copy_gbps=nbytes / cms / 1e6, ratio_to_copy=1.0,
                                   rotate=_COPY_MS.get(nbytes, (0, k))[1],
                                   note="uint8 dst.copy_(src) of bytes/2"))
+        if ckey not in _COPY_ROWS_ALLOC and not CFG.is_cuda:
+            # CPU only: CUDA's caching allocator recycles outputs, so a GPU clone costs a copy
+            _COPY_ROWS_ALLOC.add(ckey)
             ams = alloc_copy_ms(nbytes, quick)
             RECORDER.add(make_row(op=op, provider="copy-alloc", mode=mode, shape=shape, numel=numel,
                                   dtype=dtype, median_ms=ams, bytes=nbytes, gbps=nbytes / ams / 1e6,
