@@ -167,8 +167,41 @@ def cuda_wanted(csrc: str) -> Optional[str]:
 
         return (f"no CUDA headers (include/cuda_runtime_api.h) under CUDA_HOME={CUDA_HOME}; "
                 "set CUDA_HOME to the CUDA toolkit's folder")
+    mismatch = cuda_version_mismatch(torch.version.cuda, _nvcc_release(_nvcc()))
+    if mismatch is not None:
+        return mismatch
     if not cuda_sources(csrc):
         return "csrc/cuda has no kernels"
+    return None
+
+
+def _nvcc_release(nvcc: Optional[str]) -> Optional[str]:
+    """'13.0' from ``nvcc --version`` ("Cuda compilation tools, release 13.0, V13.0.88"), or None."""
+    import re
+    import subprocess
+
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
+def cuda_version_mismatch(torch_cuda: Optional[str], nvcc_release: Optional[str]) -> Optional[str]:
+    """Why the CUDA sources cannot be built with this nvcc for this torch, or None.
+
+    torch's build refuses an nvcc whose major version differs from the CUDA torch was built with,
+    failing the whole extension, the C++ CPU kernels included. Checked first, so that the CPU
+    kernels still build and the cuda backend says why it is missing."""
+    if not torch_cuda or not nvcc_release:
+        return None  # unknown: let torch's own check decide
+    if torch_cuda.split(".")[0] != nvcc_release.split(".")[0]:
+        return (f"nvcc {nvcc_release} and torch's CUDA {torch_cuda} differ in major version, which "
+                "torch's build refuses; set CUDA_HOME to a CUDA " + torch_cuda.split(".")[0]
+                + ".x toolkit (building the C++ CPU kernels only)")
     return None
 
 

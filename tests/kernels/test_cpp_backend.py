@@ -15,6 +15,7 @@ Skipped, with the backend's own reason, where the extension is not built and can
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -697,3 +698,19 @@ def test_cuda_home_without_headers_falls_back_to_the_toolkit(tmp_path, monkeypat
     assert _build.resolve_cuda_home([str(empty), str(toolkit)]) == str(toolkit)
     assert ce.CUDA_HOME == str(toolkit) and os.environ["CUDA_HOME"] == str(toolkit)
     assert _build.resolve_cuda_home([]) == str(toolkit)  # a home with headers is kept
+
+
+def test_nvcc_of_another_cuda_major_version_builds_the_cpu_kernels_only():
+    """torch's build fails the whole extension on an nvcc of another CUDA major version; the
+    build must notice first, build the C++ kernels and say why the CUDA ones are missing."""
+    from saq_kernels import _build
+
+    assert _build.cuda_version_mismatch("13.0", "13.0") is None
+    assert _build.cuda_version_mismatch("12.8", "12.4") is None  # minor: torch only warns
+    assert _build.cuda_version_mismatch(None, "13.0") is None  # unknown: torch decides
+    assert _build.cuda_version_mismatch("12.8", None) is None
+    why = _build.cuda_version_mismatch("12.8", "13.0")
+    assert "nvcc 13.0" in why and "CUDA 12.8" in why and "CUDA 12.x toolkit" in why
+    nvcc = _build._nvcc()
+    if nvcc is not None:  # this machine's nvcc reports a release
+        assert re.fullmatch(r"\d+\.\d+", _build._nvcc_release(nvcc) or "")
