@@ -525,7 +525,6 @@ def copy_ms(nbytes: int, quick: bool) -> float:
 
 
 _ALLOC_COPY_MS: Dict[int, float] = {}
-_COPY_ROWS_ALLOC: set = set()
 
 
 def alloc_copy_ms(nbytes: int, quick: bool) -> float:
@@ -706,15 +705,14 @@ def run_case(benchmark, *, op: str, provider: str, mode: str, shape: str, numel:
                                   copy_ms=cms, copy_gbps=nbytes / cms / 1e6, ratio_to_copy=1.0,
                                   rotate=_COPY_MS.get(nbytes, (0, k))[1],
                                   note="uint8 dst.copy_(src) of bytes/2"))
-        if ckey not in _COPY_ROWS_ALLOC and not CFG.is_cuda:
-            # CPU only: CUDA's caching allocator recycles outputs, so a GPU clone costs a copy
-            _COPY_ROWS_ALLOC.add(ckey)
-            ams = alloc_copy_ms(nbytes, quick)
-            RECORDER.add(make_row(op=op, provider="copy-alloc", mode=mode, shape=shape, numel=numel,
-                                  dtype=dtype, median_ms=ams, bytes=nbytes, gbps=nbytes / ams / 1e6,
-                                  copy_ms=cms, copy_gbps=nbytes / cms / 1e6, ratio_to_copy=ams / cms,
-                                  rotate=_COPY_MS.get(nbytes, (0, k))[1],
-                                  note="uint8 src.clone() of bytes/2: a copy that allocates its output"))
+            if not CFG.is_cuda:
+                # CPU only: CUDA's caching allocator recycles outputs, so a GPU clone is a copy
+                ams = alloc_copy_ms(nbytes, quick)
+                RECORDER.add(make_row(op=op, provider="copy-alloc", mode=mode, shape=shape, numel=numel,
+                                      dtype=dtype, median_ms=ams, bytes=nbytes, gbps=nbytes / ams / 1e6,
+                                      copy_ms=cms, copy_gbps=nbytes / cms / 1e6, ratio_to_copy=ams / cms,
+                                      rotate=_COPY_MS.get(nbytes, (0, k))[1],
+                                      note="uint8 src.clone() of bytes/2: a copy that allocates its output"))
     row = make_row(**fields)
     RECORDER.add(row)
     benchmark.group = f"{op} {mode} {shape} {dtype}"

@@ -228,6 +228,27 @@ inline int grid_for(int64_t work, int threads, int blocks_per_sm) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// How a quantizer kernel reads its input: x, x + s*e (Case 2), Q(x) + s*e (Cases 1/3), or
+// relu(x) (fake_quantize(relu=True); never with a perturbation).
+// ---------------------------------------------------------------------------------------------
+namespace input_mode {  // `using namespace detail::input_mode;` in the quantizer .cu files
+enum InputMode : int { kNoPerturb = 0, kBefore = 1, kAfter = 2, kRelu = 3 };
+
+// Only the perturbed modes read e and s (their pointers are null otherwise).
+__host__ __device__ __forceinline__ bool reads_e(int mode) {
+  return mode == kBefore || mode == kAfter;
+}
+}  // namespace input_mode
+
+// The mode of a perturbed (or plain) launch; the backward of Q(x) + s*e does not read e.
+inline int perturb_mode(const void* perturbation, bool before, bool backward) {
+  using namespace input_mode;
+  if (perturbation == nullptr) return kNoPerturb;
+  if (before) return kBefore;
+  return backward ? kNoPerturb : kAfter;
+}
+
+// ---------------------------------------------------------------------------------------------
 // dtype dispatch of the launchers: f(Tag<T>{}) with T the kernel's element type
 // ---------------------------------------------------------------------------------------------
 template <typename T>

@@ -18,14 +18,7 @@ namespace {
 using detail::FastDivmod;
 using detail::kThreads;
 using detail::to_f;
-
-// How a kernel reads its input: x, x + s*e, (then + s*e), or relu(x) (fake_quantize(relu=True)).
-enum InputMode : int { kNoPerturb = 0, kBefore = 1, kAfter = 2, kRelu = 3 };
-
-// Only the perturbed modes read e and s (their pointers are null otherwise).
-__host__ __device__ __forceinline__ bool reads_e(int mode) {
-  return mode == kBefore || mode == kAfter;
-}
+using namespace detail::input_mode;
 
 struct FqKernelArgs {
   const float* scale;
@@ -320,15 +313,8 @@ FqKernelArgs kernel_args(const FakeQuantArgs& a, bool backward) {
   k.div_channels = FastDivmod::make(static_cast<uint64_t>(k.channels));
   const int64_t n_per_vec = vec_width(a.dtype);
   k.div_inner_vec = FastDivmod::make(static_cast<uint64_t>(k.inner >= n_per_vec ? k.inner / n_per_vec : 1));
-  if (a.relu) {
-    k.mode = kRelu;  // the host refused relu with a perturbation
-  } else if (a.perturbation == nullptr) {
-    k.mode = kNoPerturb;
-  } else if (a.perturb_before) {
-    k.mode = kBefore;
-  } else {
-    k.mode = backward ? kNoPerturb : kAfter;
-  }
+  // relu: the host refused it with a perturbation
+  k.mode = a.relu ? kRelu : detail::perturb_mode(a.perturbation, a.perturb_before, backward);
   return k;
 }
 

@@ -16,8 +16,7 @@ namespace {
 
 using detail::kThreads;
 using detail::to_f;
-
-enum PerturbMode : int { kNoPerturb = 0, kBefore = 1, kAfter = 2 };
+using namespace detail::input_mode;
 
 struct LiqKernelArgs {
   const float* clip;
@@ -247,13 +246,7 @@ LiqKernelArgs kernel_args(const LiqArgs& a, const Workspace& w, bool backward) {
   k.is_signed = a.is_signed;
   k.relu = a.relu;
   k.standardize = a.standardize;
-  if (a.perturbation == nullptr) {
-    k.mode = kNoPerturb;
-  } else if (a.perturb_before) {
-    k.mode = kBefore;
-  } else {
-    k.mode = backward ? kNoPerturb : kAfter;
-  }
+  k.mode = detail::perturb_mode(a.perturbation, a.perturb_before, backward);
   return k;
 }
 
