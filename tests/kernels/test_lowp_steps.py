@@ -1,0 +1,124 @@
+"""The cpp backend's fused SGD step in fp16 / bf16, over every bit pattern of the dtype.
+
+The C++ step rounds each term to the parameter dtype with its own inline conversions
+(csrc/cpu/kernel_utils.h: widen / narrow / round_to; c10's are out-of-line calls that kept the
+loops scalar). Here the step is recomputed with torch's own conversions, ``.to(dtype)`` after each
+fp32 term, on tensors holding all 65536 patterns (normals, subnormals, +-0, infs, NaNs), for each
+flag combination: every finite or infinite result must be bit-identical, NaNs must stay NaNs.
+The slow test checks the conversions themselves against c10's over all 2^32 fp32 inputs.
+"""
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import saq_kernels as sk
+
+ROOT = Path(__file__).resolve().parents[2]
+_BACKEND = sk.get_backend("cpp")
+pytestmark = pytest.mark.skipif(_BACKEND.available() is not None, reason=str(_BACKEND.available()))
+
+LOWP = [torch.float16, torch.bfloat16]
+
+
+def all_patterns(dtype, seed):
+    """The 65536 values of a 16-bit dtype, in a seeded random order."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    perm = torch.randperm(65536, generator=torch.Generator().manual_seed(seed))
+    return bits[perm].view(dtype).clone()
+
+
+def same(a, b):
+    """Bit-identical, except that two NaNs match whatever their payloads."""
+    nan = a.isnan() & b.isnan()
+    return ((a.view(torch.int16) == b.view(torch.int16)) | nan) & (a.isnan() == b.isnan())
+
+
+def emulate_sgd(p, backup, g, buf, lr, momentum, dampening, wd, nesterov, first):
+    """The cpp step's contract, term by term: fp32 math with fp32 scalars (lr as lr.to(dtype)),
+    each torch op's result rounded to the dtype."""
+    dt = p.dtype
+    r = lambda t: t.to(dt).float()  # noqa: E731
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    pv = (p if backup is None else backup).float()
+    d = g.float()
+    if wd != 0:
+        d = r(d + f32(wd) * pv)
+    new_buf = None
+    if momentum != 0:
+        bv = d if first else r(r(buf.float() * f32(momentum)) + f32(1.0 - dampening) * d)
+        new_buf = bv.to(dt)
+        d = r(d + f32(momentum) * bv) if nesterov else bv
+    lr_t = lr.to(dt).float()
+    return (pv - r(lr_t * d)).to(dt), new_buf
+
+
+SGD_CONFIGS = [  # momentum, dampening, weight decay, nesterov, first step, restore from a backup
+    (0.0, 0.0, 0.0, False, False, True),
+    (0.0, 0.0, 5e-4, False, False, False),
+    (0.9, 0.0, 5e-4, True, False, True),
+    (0.9, 0.1, 1e-2, False, False, True),
+    (0.5, 0.0, 0.0, False, True, True),
+    (0.9, 0.0, 0.0, True, True, False),
+]
+
+
+@pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=lambda c: "mom{}-damp{}-wd{}-nest{}-first{}-restore{}".format(*c))
+@pytest.mark.parametrize("lr", [0.3, 3e-5, 7.0])
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_sgd_step_bitwise_over_all_patterns(dtype, lr, cfg):
+    momentum, dampening, wd, nesterov, first, restore = cfg
+    p, backup, g, buf = (all_patterns(dtype, s) for s in range(4))
+    lr_t = torch.tensor(lr)
+    want_p, want_buf = emulate_sgd(p, backup if restore else None, g, buf, lr_t, momentum, dampening,
+                                   wd, nesterov, first)
+    P, Buf = [p.clone()], [buf.clone()]
+    torch.ops.saq_C.sam_restore_sgd_(P, [backup] if restore else [], [g], Buf if momentum else [],
+                                     lr_t, momentum, dampening, wd, nesterov, first, None)
+    ok = same(P[0], want_p)
+    assert bool(ok.all()), f"{int((~ok).sum())} params differ, e.g. at {int((~ok).nonzero()[0])}"
+    if momentum:
+        ok = same(Buf[0], want_buf)
+        assert bool(ok.all()), f"{int((~ok).sum())} momentum buffers differ"
+
+
+def test_emulation_would_catch_a_missing_rounding():
+    """The comparison can fail: one term left unrounded in the emulation breaks it."""
+    p, backup, g = (all_patterns(torch.bfloat16, s) for s in range(3))
+    lr = torch.tensor(0.3)
+    P = [p.clone()]
+    torch.ops.saq_C.sam_restore_sgd_(P, [backup], [g], [], lr, 0.0, 0.0, 0.0, False, False, None)
+    unrounded = (backup.float() - lr.to(torch.bfloat16).float() * g.float()).to(torch.bfloat16)
+    assert not bool(same(P[0], unrounded).all())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler")
+def test_inline_conversions_match_c10_exhaustively(tmp_path):
+    """Every fp32 -> fp16 / bf16 and fp16 -> fp32 conversion equals c10's, NaNs included.
+
+    c10 converts fp16 with the F16C instructions when compiled for them (as torch's vectorized
+    CPU kernels are), so the check is built with -mf16c where the CPU has it."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    cxx = os.environ.get("CXX", "g++")
+    flags = ["-O2", "-std=c++20", "-ffp-contract=off", "-DSAQ_NO_TARGET_CLONES"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        if " f16c" not in cpuinfo:
+            pytest.skip("this x86-64 CPU has no F16C")
+        flags.append("-mf16c")
+    exe = tmp_path / "lowp_conversions"
+    libdir = library_paths()[0]
+    cmd = [cxx, *flags, f"-I{ROOT / 'csrc'}", *(f"-I{p}" for p in include_paths()),
+           str(ROOT / "tests" / "kernels" / "cpp" / "lowp_conversions.cpp"), "-o", str(exe),
+           f"-L{libdir}", "-lc10", f"-Wl,-rpath,{libdir}"]
+    build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout
+    assert "mismatches: fp32->fp16 0, fp32->bf16 0, fp16->fp32 0" in run.stdout
