@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernel_utils.h"
@@ -205,15 +206,32 @@ SAQ_INLINE at::opmath_type<T> rt(at::opmath_type<T> v) {  // round to T, as a to
   return round_to<T>(v);
 }
 
-// The SGD step runs tile by tile (kTile elements in op-math on the stack), one simple loop per
-// formula term, with every flag tested outside the loops: as one loop branching on the flags
-// (and loading buf under a condition) gcc left it scalar, 13x slower than fp32 in bf16.
-// Each term is rounded to T as the torch op computing it would round it.
+// fp32 / fp64: one fused loop per (momentum, restore) pair; gcc if-converts the flag tests.
+template <typename T, bool MOM, bool RESTORE>
+SAQ_INLINE void sgd_loop(T* __restrict p, const T* __restrict b, const T* __restrict g,
+                         T* __restrict buf, int64_t n, const SgdConst& k) {
+  const T lr = static_cast<T>(k.lr), mom = static_cast<T>(k.momentum);
+  const T damp1 = static_cast<T>(k.damp1), wd = static_cast<T>(k.wd);
+  const bool has_wd = k.wd != 0.0, nesterov = k.nesterov, first = k.first_step;
+  for (int64_t i = 0; i < n; ++i) {
+    const T pv = RESTORE ? b[i] : p[i];
+    T d = g[i];
+    if (has_wd) d = d + wd * pv;
+    if (MOM) {
+      const T bv = first ? d : buf[i] * mom + damp1 * d;
+      buf[i] = bv;
+      d = nesterov ? d + mom * bv : bv;
+    }
+    p[i] = pv - lr * d;
+  }
+}
 
-// b == nullptr: a parameter without backup (not perturbed), stepped from its current value.
-// buf == nullptr: no momentum.
+// fp16 / bf16: every term is rounded to T, as the torch op computing it rounds it. As one loop
+// (flag tests around the roundings, buf loaded under a condition) gcc left this scalar, 13x
+// slower than fp32; it runs tile by tile instead (kTile op-math values on the stack), one simple
+// loop per term, the flags tested outside the loops.
 template <typename T>
-SAQ_CLONES void sgd_kernel(T* p, const T* b, const T* g, T* buf, int64_t n, const SgdConst& k) {
+SAQ_INLINE void sgd_tiles(T* p, const T* b, const T* g, T* buf, int64_t n, const SgdConst& k) {
   using acc = at::opmath_type<T>;
   const acc lr = static_cast<acc>(k.lr), mom = static_cast<acc>(k.momentum);
   const acc damp1 = static_cast<acc>(k.damp1), wd = static_cast<acc>(k.wd);
@@ -241,6 +259,25 @@ SAQ_CLONES void sgd_kernel(T* p, const T* b, const T* g, T* buf, int64_t n, cons
       }
     }
     for (int64_t i = 0; i < m; ++i) p[s + i] = narrow<T>(pv[i] - rt<T>(lr * d[i]));
+  }
+}
+
+// b == nullptr: a parameter without backup (not perturbed), stepped from its current value.
+// buf == nullptr: no momentum.
+template <typename T>
+SAQ_CLONES void sgd_kernel(T* p, const T* b, const T* g, T* buf, int64_t n, const SgdConst& k) {
+  if constexpr (!std::is_same_v<T, at::opmath_type<T>>) {
+    sgd_tiles<T>(p, b, g, buf, n, k);
+  } else if (buf) {
+    if (b) {
+      sgd_loop<T, true, true>(p, b, g, buf, n, k);
+    } else {
+      sgd_loop<T, true, false>(p, b, g, buf, n, k);
+    }
+  } else if (b) {
+    sgd_loop<T, false, true>(p, b, g, buf, n, k);
+  } else {
+    sgd_loop<T, false, false>(p, b, g, buf, n, k);
   }
 }
 
