@@ -329,8 +329,10 @@ def _build(provider, model_name, batch, dtype, quantizer="liq", fold_relu=True):
         else:
             from saq_kernels import get_backend
 
-            chosen = [n for n in default_order(CFG.device.type) if get_backend(n).available() is None]
-            note = f"default backend order {default_order(CFG.device.type)}; available: {chosen}"
+            op = "liq_quantize" if quantizer == "liq" else "fake_quantize"
+            order = default_order(CFG.device.type, op, torch.bfloat16 if dtype == "bf16" else torch.float32)
+            chosen = [n for n in order if get_backend(n).available() is None]
+            note = f"{op} backend order {order}; available: {chosen}"
 
     torch.manual_seed(0)
     classes = NUM_CLASSES.get(model_name, 1000)

@@ -11,9 +11,10 @@
 #   3. GPU tests: pytest -m gpu tests/kernels tests/training
 #   4. GPU benchmarks, SAQ_BENCH_MODE=short, one pytest per suite with its own time budget
 #      (the harness skips the remaining cases when the budget is spent; the CSV is written as it goes)
-#   5. plots and the markdown report
+#   5. plots, the markdown report and the measured per-op default order
 # Results: benchmarks/results/<gpu-slug>.csv and benchmarks/results/plots/; when $OUT is set, also
-# $OUT/<gpu-slug>.csv, $OUT/gpu_check.log, $OUT/report.md, $OUT/plots.tar.gz, $OUT/bench_json.tar.gz.
+# $OUT/<gpu-slug>.csv, $OUT/gpu_check.log, $OUT/report.md, $OUT/plots.tar.gz, $OUT/bench_json.tar.gz
+# and $OUT/measured_order.py (the per-op default order the rows imply: benchmarks/choose_defaults.py).
 # The compact table is printed last.
 #
 # Environment: PYTHON (default python3), SAQ_CHECK_BUDGET (s), SAQ_CHECK_SKIP_BUILD=1,
@@ -132,6 +133,12 @@ if [ -n "${CSV:-}" ] && [ -f "$CSV" ]; then
   PLOTS=$(dirname "$CSV")/plots
   timeout 60 "$PY" benchmarks/plot.py "$CSV" --out "$PLOTS" >>"$LOG" 2>&1 || say "plots: FAILED (see log)"
   timeout 30 "$PY" benchmarks/report.py "$CSV" >"$WORK/report.md" 2>>"$LOG" || say "report: FAILED"
+  # the per-op default order these rows imply, written into a copy of measured_order.py: commit
+  # it only if the tests above passed (rerun with --exclude <backend> for one whose tests failed)
+  cp saq_kernels/backends/measured_order.py "$WORK/measured_order.py" 2>/dev/null
+  timeout 30 "$PY" benchmarks/choose_defaults.py "$CSV" --write --module "$WORK/measured_order.py" \
+    >"$WORK/defaults.md" 2>>"$LOG" || say "choose_defaults: FAILED"
+  cat "$WORK/defaults.md" >>"$WORK/report.md"
 else
   say "no results file: nothing to plot or report"
 fi
@@ -139,6 +146,7 @@ if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   [ -n "${CSV:-}" ] && [ -f "$CSV" ] && cp "$CSV" "$OUT/"
   [ -f "$WORK/report.md" ] && cp "$WORK/report.md" "$OUT/"
+  [ -f "$WORK/measured_order.py" ] && cp "$WORK/measured_order.py" "$OUT/"
   [ -n "${PLOTS:-}" ] && [ -d "$PLOTS" ] && tar -czf "$OUT/plots.tar.gz" -C "$(dirname "$PLOTS")" plots
   ls "$WORK"/bench_*.json >/dev/null 2>&1 && tar -czf "$OUT/bench_json.tar.gz" -C "$WORK" $(cd "$WORK" && ls bench_*.json)
   say "copied results to \$OUT ($(ls "$OUT" | tr '\n' ' '))"

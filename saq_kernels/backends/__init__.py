@@ -9,8 +9,10 @@ Selection, per call:
 1. an explicit choice: the innermost ``use_backend(name)`` context, else the ``SAQ_BACKEND``
    environment variable. It must be available and support the input, or the call raises with the
    reason (no silent fallback: a user who asked for "triton" must not get the reference).
-2. otherwise the first backend of the device's default order that is available and supports it;
-   the reference supports everything, so there is always one.
+2. otherwise the first backend that is available and supports it, in the order measured for this
+   device type, op and dtype (measured_order.py, written by benchmarks/choose_defaults.py from the
+   recorded benchmarks), then in the device type's default order; the reference supports
+   everything, so there is always one. ``set_default_order`` replaces both for a device type.
 """
 from __future__ import annotations
 
@@ -99,8 +101,8 @@ class Backend:
 
 
 _BACKENDS: Dict[str, Backend] = {}
-# Default order per device type, fastest first, set from the recorded benchmarks
-# (benchmarks/results). Backends that are unavailable are skipped.
+# Default order per device type, fastest first; the per-op, per-dtype orders measured on the
+# recorded benchmarks (measured_order.py) come before it. Backends that are unavailable are skipped.
 # CUDA: the Triton and CUDA kernels pass the parity tests under the Triton interpreter and compile
 # and SASS-check cleanly, but have not yet run on a GPU (benchmarks/gpu_check.sh is pending), so
 # CUDA tensors default to the reference until that run verifies them and measures which is faster
@@ -109,7 +111,30 @@ _DEFAULT_ORDER: Dict[str, List[str]] = {
     "cpu": ["cpp", "reference"],
     "cuda": ["reference"],
 }
+# device types whose order a user set (set_default_order): the measured orders no longer apply
+_USER_ORDER: set = set()
+# (device type, op, dtype) -> effective order; cleared by set_default_order
+_ORDER_CACHE: Dict[tuple, List[str]] = {}
 _LOCAL = threading.local()
+
+
+_DTYPE_KEYS = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+
+
+def _order(device_type: str, op: Optional[str], dtype) -> List[str]:
+    """The effective order for this call (cached: select() runs on every op call)."""
+    key = (device_type, op, dtype)
+    order = _ORDER_CACHE.get(key)
+    if order is None:
+        base = _DEFAULT_ORDER.get(device_type, ["reference"])
+        measured: List[str] = []
+        dkey = _DTYPE_KEYS.get(str(dtype))  # the results' spelling of the dtype
+        if device_type not in _USER_ORDER and op is not None and dkey is not None:
+            from .measured_order import MEASURED_ORDER
+
+            measured = MEASURED_ORDER.get(device_type, {}).get(op, {}).get(dkey, [])
+        order = _ORDER_CACHE[key] = list(measured) + [n for n in base if n not in measured]
+    return order
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -132,15 +157,20 @@ def available_backends() -> Dict[str, Optional[str]]:
     return {name: b.available() for name, b in _BACKENDS.items()}
 
 
-def default_order(device_type: str) -> List[str]:
-    return list(_DEFAULT_ORDER.get(device_type, ["reference"]))
+def default_order(device_type: str, op: Optional[str] = None, dtype=None) -> List[str]:
+    """The backend names tried, in order, for ``op`` on ``dtype`` tensors of ``device_type``
+    (unavailable ones are skipped at selection); without ``op``, the device type's order."""
+    return list(_order(device_type, op, dtype))
 
 
 def set_default_order(device_type: str, names: List[str]) -> None:
-    """Replace the default backend order for a device type (names are validated)."""
+    """Replace the backend order of a device type, for every op and dtype (the measured per-op
+    orders no longer apply to it). Names are validated."""
     for n in names:
         get_backend(n)
     _DEFAULT_ORDER[device_type] = list(names)
+    _USER_ORDER.add(device_type)
+    _ORDER_CACHE.clear()
 
 
 def _explicit() -> Optional[str]:
@@ -191,7 +221,7 @@ def select(op: str, device_type: str, dtype=None) -> Callable:
                 f"one that can: {_serving(op, device_type, dtype)}."
             )
         return backend.table()[op]
-    for cand in _DEFAULT_ORDER.get(device_type, ["reference"]):
+    for cand in _order(device_type, op, dtype):
         backend = _BACKENDS.get(cand)
         if backend is not None and backend.supports(op, device_type, dtype) is None:
             return backend.table()[op]

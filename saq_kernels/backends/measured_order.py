@@ -1,0 +1,98 @@
+"""Measured default backend order per device type, op and dtype (generated; do not edit by hand).
+
+Written by benchmarks/choose_defaults.py from the recorded benchmark results named below; the
+registry (saq_kernels/backends/__init__.py) tries these backends first, then the device type's
+default order. EVIDENCE says why: the rows used, and each candidate's geometric-mean time ratio to
+the fastest one per shape, over the shapes all of them were measured at.
+"""
+from typing import Dict, List
+
+
+#: device type -> the result files its orders were chosen from
+SOURCES: Dict[str, str] = {
+    'cpu': 'benchmarks/results/cpu-intel-xeon-processor-2t.csv',
+}
+
+#: device type -> op -> dtype -> backend names, fastest first
+MEASURED_ORDER: Dict[str, Dict[str, Dict[str, List[str]]]] = {
+    'cpu': {
+        'fake_quantize': {
+            'bf16': ['cpp', 'reference'],
+            'fp32': ['cpp', 'reference'],
+        },
+        'fake_quantize_backward': {
+            'bf16': ['cpp', 'reference'],
+            'fp32': ['cpp', 'reference'],
+        },
+        'grad_sq_norm': {
+            'bf16': ['cpp', 'reference'],
+            'fp32': ['cpp', 'reference'],
+        },
+        'liq_quantize': {
+            'bf16': ['cpp', 'reference'],
+            'fp32': ['cpp', 'reference'],
+        },
+        'liq_quantize_backward': {
+            'bf16': ['cpp', 'reference'],
+            'fp32': ['cpp', 'reference'],
+        },
+        'sam_perturb_': {
+            'bf16': ['cpp', 'reference'],
+            'fp32': ['cpp', 'reference'],
+        },
+        'sam_restore_': {
+            'bf16': ['cpp', 'reference'],
+            'fp32': ['cpp', 'reference'],
+        },
+        'sam_restore_adamw_': {
+            'bf16': ['cpp', 'reference'],
+            'fp32': ['cpp', 'reference'],
+        },
+        'sam_restore_sgd_': {
+            'bf16': ['cpp', 'reference'],
+            'fp32': ['cpp', 'reference'],
+        },
+    },
+}
+
+#: device type -> op -> dtype -> the rows and time ratios behind the order
+EVIDENCE: Dict[str, Dict[str, Dict[str, str]]] = {
+    'cpu': {
+        'fake_quantize': {
+            'bf16': 'fwd+bwd over 9 shapes: cpp 1.00, reference 17.39',
+            'fp32': 'fwd+bwd over 9 shapes: cpp 1.00, reference 15.62',
+        },
+        'fake_quantize_backward': {
+            'bf16': 'fwd+bwd over 9 shapes: cpp 1.00, reference 17.39',
+            'fp32': 'fwd+bwd over 9 shapes: cpp 1.00, reference 15.62',
+        },
+        'grad_sq_norm': {
+            'bf16': 'update over 2 shapes: cpp 1.00, reference 4.94',
+            'fp32': 'update over 2 shapes: cpp 1.00, reference 3.09',
+        },
+        'liq_quantize': {
+            'bf16': 'fwd+bwd over 9 shapes: cpp 1.00, reference 13.45',
+            'fp32': 'fwd+bwd over 9 shapes: cpp 1.00, reference 15.67',
+        },
+        'liq_quantize_backward': {
+            'bf16': 'fwd+bwd over 9 shapes: cpp 1.00, reference 13.45',
+            'fp32': 'fwd+bwd over 9 shapes: cpp 1.00, reference 15.67',
+        },
+        'sam_perturb_': {
+            'bf16': 'update over 2 shapes: cpp 1.00, reference 2.75',
+            'fp32': 'update over 2 shapes: cpp 1.00, reference 2.72',
+        },
+        'sam_restore_': {
+            'bf16': 'update over 2 shapes: cpp 1.00, reference 1.27',
+            'fp32': 'update over 2 shapes: cpp 1.00, reference 1.06',
+        },
+        'sam_restore_adamw_': {
+            'bf16': 'update over 2 shapes: cpp 1.00, reference 6.48',
+            'fp32': 'update over 2 shapes: cpp 1.00, reference 11.81',
+        },
+        'sam_restore_sgd_': {
+            'bf16': 'update over 2 shapes: cpp 1.00, reference 4.72',
+            'fp32': 'update over 2 shapes: cpp 1.00, reference 6.79',
+        },
+    },
+}
