@@ -63,13 +63,12 @@ enum PerturbMode : int { kNoPerturb = 0, kPerturbBefore = 1, kPerturbAfter = 2 }
 constexpr int kReluInput = 3;
 
 // ---------------------------------------------------------------------------------------------
-// Inline fp16 / bf16 <-> fp32 conversions for loops that round after every op (the SGD / AdamW
-// steps). c10's Half / BFloat16 constructors stay out-of-line calls inside such loops (gcc:
-// "statement clobbers memory"), which stops the vectorizer: those steps ran 10-60x slower in
-// fp16 / bf16 than in fp32. These are the same conversions, written with selects instead of
-// branches, bit for bit (checked over all 2^32 fp32 inputs and all 2^16 fp16 ones): round to
-// nearest even, overflow to inf, subnormals kept; NaN: bf16 0x7fc0, fp16 quieted with the top
-// payload bits kept, fp16 -> fp32 quieted.
+// Inline bf16 conversions for loops that round after every op (the SGD / AdamW steps). c10's
+// BFloat16 constructor stays an out-of-line call inside such loops (gcc: "statement clobbers
+// memory"), which stops the vectorizer. bf16_bits is the same conversion written with a select
+// instead of a branch, bit for bit (checked over all 2^32 fp32 inputs): round to nearest even,
+// NaN -> 0x7fc0. fp16 keeps c10's conversion, which inlines and vectorizes in simple loops (an
+// integer version of it measured 1.5x slower in the SGD tiles).
 // ---------------------------------------------------------------------------------------------
 SAQ_INLINE uint32_t bits_of(float v) {
   uint32_t u;
@@ -89,40 +88,11 @@ SAQ_INLINE uint16_t bf16_bits(float v) {
   return static_cast<uint16_t>(v != v ? 0x7fc0u : r);
 }
 
-SAQ_INLINE uint16_t fp16_bits(float v) {
-  const uint32_t u = bits_of(v);
-  const float a = std::fabs(v);
-  // Round |v| to fp16's precision with one fp32 add: c = 2^(E + 13), E = max(exponent of |v|,
-  // -14), so a + c lies in [c, 2c) whose fp32 spacing, 2^(E - 10), is fp16's spacing at |v|
-  // (2^-24 for subnormals). The add rounds to nearest even; the subtraction is exact.
-  const uint32_t ea = bits_of(a) >> 23;
-  const uint32_t ec = std::min(std::max(ea, 113u) + 13u, 254u);  // 113: the fp32 exponent of 2^-14
-  const float c = float_of(ec << 23);
-  const float r = (a + c) - c;
-  const uint32_t normal = (bits_of(r) >> 13) - (112u << 10);  // fp32 -> fp16 exponent bias
-  const uint32_t sub = static_cast<uint32_t>(static_cast<int32_t>(r * 16777216.0f));  // r / 2^-24: exact
-  uint32_t h = r < 6.103515625e-05f ? sub : normal;            // below 2^-14: subnormal
-  h = r > 65504.0f ? 0x7c00u : h;                               // past fp16's max: inf
-  h = a != a ? 0x7e00u | ((u >> 13) & 0x3ffu) : h;  // NaN: quiet, top payload bits kept
-  return static_cast<uint16_t>(((u >> 16) & 0x8000u) | h);
-}
-
-SAQ_INLINE float fp16_value(uint16_t h) {
-  const uint32_t em = h & 0x7fffu;
-  const uint32_t special = (em << 13) | 0x7f800000u | (em > 0x7c00u ? 0x00400000u : 0u);  // inf, quiet NaN
-  const uint32_t normal = em >= 0x7c00u ? special : (em << 13) + (112u << 23);
-  const float sub = static_cast<float>(em) * 5.9604644775390625e-08f;  // em * 2^-24, exact
-  const uint32_t mag = em < 0x400u ? bits_of(sub) : normal;
-  return float_of((static_cast<uint32_t>(h & 0x8000u) << 16) | mag);
-}
-
 // T -> its op-math type and back (fp32 for fp16 / bf16; the identity for fp32, fp64).
 template <typename T>
 SAQ_INLINE at::opmath_type<T> widen(T v) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     return float_of(static_cast<uint32_t>(v.x) << 16);
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
-    return fp16_value(v.x);
   } else {
     return static_cast<at::opmath_type<T>>(v);
   }
@@ -132,8 +102,6 @@ template <typename T>
 SAQ_INLINE T narrow(at::opmath_type<T> v) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     return c10::BFloat16(bf16_bits(v), c10::BFloat16::from_bits());
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
-    return c10::Half(fp16_bits(v), c10::Half::from_bits());
   } else {
     return static_cast<T>(v);
   }

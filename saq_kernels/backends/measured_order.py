@@ -26,6 +26,7 @@ MEASURED_ORDER: Dict[str, Dict[str, Dict[str, List[str]]]] = {
         },
         'grad_sq_norm': {
             'bf16': ['cpp', 'reference'],
+            'fp16': ['cpp', 'reference'],
             'fp32': ['cpp', 'reference'],
         },
         'liq_quantize': {
@@ -38,18 +39,22 @@ MEASURED_ORDER: Dict[str, Dict[str, Dict[str, List[str]]]] = {
         },
         'sam_perturb_': {
             'bf16': ['cpp', 'reference'],
+            'fp16': ['cpp', 'reference'],
             'fp32': ['cpp', 'reference'],
         },
         'sam_restore_': {
             'bf16': ['cpp', 'reference'],
+            'fp16': ['cpp', 'reference'],
             'fp32': ['cpp', 'reference'],
         },
         'sam_restore_adamw_': {
             'bf16': ['cpp', 'reference'],
+            'fp16': ['cpp', 'reference'],
             'fp32': ['cpp', 'reference'],
         },
         'sam_restore_sgd_': {
             'bf16': ['cpp', 'reference'],
+            'fp16': ['cpp', 'reference'],
             'fp32': ['cpp', 'reference'],
         },
     },
@@ -67,8 +72,9 @@ EVIDENCE: Dict[str, Dict[str, Dict[str, str]]] = {
             'fp32': 'fwd+bwd over 9 shapes: cpp 1.00, reference 15.62',
         },
         'grad_sq_norm': {
-            'bf16': 'update over 2 shapes: cpp 1.00, reference 4.94',
-            'fp32': 'update over 2 shapes: cpp 1.00, reference 3.09',
+            'bf16': 'update over 2 shapes: cpp 1.00, reference 5.30',
+            'fp16': 'update over 2 shapes: cpp 1.00, reference 3.59',
+            'fp32': 'update over 2 shapes: cpp 1.00, reference 4.30',
         },
         'liq_quantize': {
             'bf16': 'fwd+bwd over 9 shapes: cpp 1.00, reference 13.45',
@@ -79,20 +85,24 @@ EVIDENCE: Dict[str, Dict[str, Dict[str, str]]] = {
             'fp32': 'fwd+bwd over 9 shapes: cpp 1.00, reference 15.67',
         },
         'sam_perturb_': {
-            'bf16': 'update over 2 shapes: cpp 1.00, reference 2.75',
-            'fp32': 'update over 2 shapes: cpp 1.00, reference 2.72',
+            'bf16': 'update over 2 shapes: cpp 1.00, reference 2.66',
+            'fp16': 'update over 2 shapes: cpp 1.17, reference 1.35; faster elsewhere at resnet18 (reference)',
+            'fp32': 'update over 2 shapes: cpp 1.00, reference 2.63',
         },
         'sam_restore_': {
-            'bf16': 'update over 2 shapes: cpp 1.00, reference 1.27',
-            'fp32': 'update over 2 shapes: cpp 1.00, reference 1.06',
+            'bf16': 'update over 2 shapes: cpp 1.00, reference 1.26',
+            'fp16': 'update over 2 shapes: cpp 1.00, reference 1.24',
+            'fp32': 'update over 2 shapes: cpp 1.00, reference 1.25',
         },
         'sam_restore_adamw_': {
-            'bf16': 'update over 2 shapes: cpp 1.00, reference 6.48',
-            'fp32': 'update over 2 shapes: cpp 1.00, reference 11.81',
+            'bf16': 'update over 2 shapes: cpp 1.00, reference 6.40',
+            'fp16': 'update over 2 shapes: cpp 1.00, reference 1.83',
+            'fp32': 'update over 2 shapes: cpp 1.00, reference 10.93',
         },
         'sam_restore_sgd_': {
-            'bf16': 'update over 2 shapes: cpp 1.00, reference 4.72',
-            'fp32': 'update over 2 shapes: cpp 1.00, reference 6.79',
+            'bf16': 'update over 2 shapes: cpp 1.00, reference 4.44',
+            'fp16': 'update over 2 shapes: cpp 1.00, reference 1.81',
+            'fp32': 'update over 2 shapes: cpp 1.00, reference 6.98',
         },
     },
 }
