@@ -1,15 +1,17 @@
-"""The cpp backend's fused SGD step in fp16 / bf16, over every bit pattern of the dtype.
+"""The cpp backend's SAM perturb and fused SGD / AdamW steps in fp16 / bf16, over every bit pattern.
 
-The C++ step rounds each term to the parameter dtype (csrc/cpu/kernel_utils.h: widen / narrow /
-round_to; inline bf16 conversions, since c10's out-of-line ones kept the loop scalar). Here the
-step is recomputed with torch's own conversions, ``.to(dtype)`` after each fp32 term, on tensors
-holding all 65536 patterns (normals, subnormals, +-0, infs, NaNs), for each flag combination:
-every finite or infinite result must be bit-identical, NaNs must stay NaNs.
+The C++ kernels round each term to the parameter dtype (csrc/cpu/kernel_utils.h: inline bf16
+conversions, since c10's out-of-line ones kept the loop scalar; fp16 tiles through F16C where the
+CPU has it, else c10's conversion, both paths tested). Here each op is recomputed with torch's
+own conversions, ``.to(dtype)`` after each fp32 term, on tensors holding all 65536 patterns
+(normals, subnormals, +-0, infs, NaNs), for each flag combination: every finite or infinite result
+must be bit-identical, NaNs must stay NaNs.
 The slow test checks the bf16 conversions themselves against c10's over all 2^32 fp32 inputs.
 """
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,6 +95,72 @@ def test_emulation_would_catch_a_missing_rounding():
     torch.ops.saq_C.sam_restore_sgd_(P, [backup], [g], [], lr, 0.0, 0.0, 0.0, False, False, None)
     unrounded = (backup.float() - lr.to(torch.bfloat16).float() * g.float()).to(torch.bfloat16)
     assert not bool(same(P[0], unrounded).all())
+
+
+def emulate_adamw(p, backup, g, m, v, lr, beta1, beta2, eps, wd):
+    """The cpp AdamW step's contract at step 1 with betas whose bias corrections are exact in fp32
+    (powers of two), term by term, each torch op's result rounded to the dtype."""
+    dt = p.dtype
+    r = lambda t: t.to(dt).float()  # noqa: E731
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    lr_t = lr.to(dt).float()
+    decay = r(f32(1.0) - r(lr_t * f32(wd)))
+    step_size = r(lr_t / f32(1.0 - beta1))
+    bc2s = r(torch.sqrt(f32(1.0 - beta2)))
+    w, gi, mi = f32(1.0 - beta1), g.float(), m.float()
+    pv = r((p if backup is None else backup).float() * decay)
+    mn = r(mi + w * (gi - mi)) if float(w) < 0.5 else r(gi - (gi - mi) * (f32(1.0) - w))
+    vn = r(r(v.float() * f32(beta2)) + f32(1.0 - beta2) * gi * gi)
+    denom = r(r(r(torch.sqrt(vn)) / bc2s) + f32(eps))
+    return (pv - r(step_size * r(mn / denom))).to(dt), mn.to(dt), vn.to(dt)
+
+
+@pytest.mark.parametrize("beta1", [0.5, 0.75])  # lerp weight 0.5 and 0.25: both lerp formulas
+@pytest.mark.parametrize("wd,restore", [(0.01, True), (0.0, False)])
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_adamw_step_bitwise_over_all_patterns(dtype, wd, restore, beta1):
+    beta2, eps, lr = 0.75, 1e-3, torch.tensor(3e-3)
+    p, backup, g, m, v = (all_patterns(dtype, s) for s in range(5))
+    v = v.abs()
+    want = emulate_adamw(p, backup if restore else None, g, m, v, lr, beta1, beta2, eps, wd)
+    P, M, V, steps = [p.clone()], [m.clone()], [v.clone()], [torch.tensor(0.0)]
+    torch.ops.saq_C.sam_restore_adamw_(P, [backup] if restore else [], [g], M, V, steps, lr, beta1,
+                                       beta2, eps, wd, None)
+    for got, exp, name in zip((P[0], M[0], V[0]), want, ("param", "exp_avg", "exp_avg_sq")):
+        ok = same(got, exp)
+        assert bool(ok.all()), f"{name}: {int((~ok).sum())} differ, e.g. at {int((~ok).nonzero()[0])}"
+    assert float(steps[0]) == 1.0
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_perturb_bitwise_over_all_patterns(dtype, adaptive):
+    """p += ((p * p) * g) * s (adaptive) or g * s, each product rounded to the dtype; the backup is
+    a bit copy."""
+    p, g = all_patterns(dtype, 0), all_patterns(dtype, 1)
+    s = torch.tensor(0.0371)
+    r = lambda t: t.to(dtype).float()  # noqa: E731
+    sv = s.to(dtype).float()
+    e = r(r(r(p.float() * p.float()) * g.float()) * sv) if adaptive else r(g.float() * sv)
+    want = (p.float() + e).to(dtype)
+    P, B = [p.clone()], [torch.full_like(p, float("nan"))]
+    torch.ops.saq_C.sam_perturb_(P, [g], B, s, [adaptive])
+    assert torch.equal(B[0].view(torch.int16), p.view(torch.int16))
+    ok = same(P[0], want)
+    assert bool(ok.all()), f"{int((~ok).sum())} differ"
+
+
+@pytest.mark.skipif(os.environ.get("SAQ_CPU_NO_F16C") is not None, reason="this is the inner run")
+def test_both_fp16_paths():
+    """The fp16 tiles convert with F16C where the CPU has it, else with c10's conversion; run this
+    file's bitwise tests and the cpp backend's parity tests (quantizers included) again with
+    SAQ_CPU_NO_F16C=1 (the fallback) in a fresh process."""
+    env = dict(os.environ, SAQ_CPU_NO_F16C="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          str(Path(__file__).with_name("test_cpp_backend.py")), "-k", "not both_fp16"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout
 
 
 @pytest.mark.slow
