@@ -18,10 +18,12 @@ MEASURED_ORDER: Dict[str, Dict[str, Dict[str, List[str]]]] = {
     'cpu': {
         'fake_quantize': {
             'bf16': ['cpp', 'reference'],
+            'fp16': ['cpp', 'reference'],
             'fp32': ['cpp', 'reference'],
         },
         'fake_quantize_backward': {
             'bf16': ['cpp', 'reference'],
+            'fp16': ['cpp', 'reference'],
             'fp32': ['cpp', 'reference'],
         },
         'grad_sq_norm': {
@@ -31,10 +33,12 @@ MEASURED_ORDER: Dict[str, Dict[str, Dict[str, List[str]]]] = {
         },
         'liq_quantize': {
             'bf16': ['cpp', 'reference'],
+            'fp16': ['cpp', 'reference'],
             'fp32': ['cpp', 'reference'],
         },
         'liq_quantize_backward': {
             'bf16': ['cpp', 'reference'],
+            'fp16': ['cpp', 'reference'],
             'fp32': ['cpp', 'reference'],
         },
         'sam_perturb_': {
@@ -65,44 +69,48 @@ EVIDENCE: Dict[str, Dict[str, Dict[str, str]]] = {
     'cpu': {
         'fake_quantize': {
             'bf16': 'fwd+bwd over 9 shapes: cpp 1.00, reference 17.39',
+            'fp16': 'fwd+bwd over 8 shapes: cpp 1.00, reference 17.52',
             'fp32': 'fwd+bwd over 9 shapes: cpp 1.00, reference 15.62',
         },
         'fake_quantize_backward': {
             'bf16': 'fwd+bwd over 9 shapes: cpp 1.00, reference 17.39',
+            'fp16': 'fwd+bwd over 8 shapes: cpp 1.00, reference 17.52',
             'fp32': 'fwd+bwd over 9 shapes: cpp 1.00, reference 15.62',
         },
         'grad_sq_norm': {
-            'bf16': 'update over 2 shapes: cpp 1.00, reference 5.30',
-            'fp16': 'update over 2 shapes: cpp 1.00, reference 3.59',
-            'fp32': 'update over 2 shapes: cpp 1.00, reference 4.30',
+            'bf16': 'update over 2 shapes: cpp 1.00, reference 5.90',
+            'fp16': 'update over 2 shapes: cpp 1.00, reference 4.86',
+            'fp32': 'update over 2 shapes: cpp 1.00, reference 3.71',
         },
         'liq_quantize': {
             'bf16': 'fwd+bwd over 9 shapes: cpp 1.00, reference 13.45',
+            'fp16': 'fwd+bwd over 8 shapes: cpp 1.00, reference 12.86',
             'fp32': 'fwd+bwd over 9 shapes: cpp 1.00, reference 15.67',
         },
         'liq_quantize_backward': {
             'bf16': 'fwd+bwd over 9 shapes: cpp 1.00, reference 13.45',
+            'fp16': 'fwd+bwd over 8 shapes: cpp 1.00, reference 12.86',
             'fp32': 'fwd+bwd over 9 shapes: cpp 1.00, reference 15.67',
         },
         'sam_perturb_': {
-            'bf16': 'update over 2 shapes: cpp 1.00, reference 2.66',
-            'fp16': 'update over 2 shapes: cpp 1.17, reference 1.35; faster elsewhere at resnet18 (reference)',
-            'fp32': 'update over 2 shapes: cpp 1.00, reference 2.63',
+            'bf16': 'update over 2 shapes: cpp 1.00, reference 2.50',
+            'fp16': 'update over 2 shapes: cpp 1.00, reference 1.99',
+            'fp32': 'update over 2 shapes: cpp 1.00, reference 2.53',
         },
         'sam_restore_': {
-            'bf16': 'update over 2 shapes: cpp 1.00, reference 1.26',
-            'fp16': 'update over 2 shapes: cpp 1.00, reference 1.24',
-            'fp32': 'update over 2 shapes: cpp 1.00, reference 1.25',
+            'bf16': 'update over 2 shapes: cpp 1.00, reference 1.20',
+            'fp16': 'update over 2 shapes: cpp 1.00, reference 1.27',
+            'fp32': 'update over 2 shapes: cpp 1.00, reference 1.14',
         },
         'sam_restore_adamw_': {
-            'bf16': 'update over 2 shapes: cpp 1.00, reference 6.40',
-            'fp16': 'update over 2 shapes: cpp 1.00, reference 1.83',
-            'fp32': 'update over 2 shapes: cpp 1.00, reference 10.93',
+            'bf16': 'update over 2 shapes: cpp 1.00, reference 6.01',
+            'fp16': 'update over 2 shapes: cpp 1.00, reference 4.27',
+            'fp32': 'update over 2 shapes: cpp 1.00, reference 10.91',
         },
         'sam_restore_sgd_': {
-            'bf16': 'update over 2 shapes: cpp 1.00, reference 4.44',
-            'fp16': 'update over 2 shapes: cpp 1.00, reference 1.81',
-            'fp32': 'update over 2 shapes: cpp 1.00, reference 6.98',
+            'bf16': 'update over 2 shapes: cpp 1.00, reference 4.24',
+            'fp16': 'update over 2 shapes: cpp 1.00, reference 3.80',
+            'fp32': 'update over 2 shapes: cpp 1.00, reference 6.39',
         },
     },
 }
