@@ -103,6 +103,14 @@ else
     124|130) say "tests: TIMEOUT after ${T}s: $(tail -1 "$WORK/tests.log")" ;;
     *) say "tests: FAILED rc=$rc: $(tail -1 "$WORK/tests.log")" ;;
   esac
+  # A backend with a failing GPU test (named in the failure's id), or both after a timeout, is
+  # left out of the proposed default order (step 5): unverified kernels never become a default.
+  for b in triton cuda; do
+    if [ "$rc" = 124 ] || [ "$rc" = 130 ] || grep -qiE "^(FAILED|ERROR).*$b" "$WORK/tests.log"; then
+      EXCLUDE="${EXCLUDE:-} --exclude $b"
+    fi
+  done
+  [ -n "${EXCLUDE:-}" ] && say "tests: the proposed default order will leave out:${EXCLUDE//--exclude/}"
 fi
 
 # ---- 4. benchmarks ----------------------------------------------------------------------------
@@ -133,11 +141,12 @@ if [ -n "${CSV:-}" ] && [ -f "$CSV" ]; then
   PLOTS=$(dirname "$CSV")/plots
   timeout 60 "$PY" benchmarks/plot.py "$CSV" --out "$PLOTS" >>"$LOG" 2>&1 || say "plots: FAILED (see log)"
   timeout 30 "$PY" benchmarks/report.py "$CSV" >"$WORK/report.md" 2>>"$LOG" || say "report: FAILED"
-  # the per-op default order these rows imply, written into a copy of measured_order.py: commit
-  # it only if the tests above passed (rerun with --exclude <backend> for one whose tests failed)
+  # the per-op default order these rows imply, written into a copy of measured_order.py, without
+  # the backends whose GPU tests failed (step 3); commit it with the CSV
   cp saq_kernels/backends/measured_order.py "$WORK/measured_order.py" 2>/dev/null
+  # shellcheck disable=SC2086  # EXCLUDE is a list of flags
   timeout 30 "$PY" benchmarks/choose_defaults.py "$CSV" --write --module "$WORK/measured_order.py" \
-    >"$WORK/defaults.md" 2>>"$LOG" || say "choose_defaults: FAILED"
+    ${EXCLUDE:-} >"$WORK/defaults.md" 2>>"$LOG" || say "choose_defaults: FAILED"
   cat "$WORK/defaults.md" >>"$WORK/report.md"
 else
   say "no results file: nothing to plot or report"
