@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint; auto = "
                    "<out>/last.pt if it exists")
     a.add_argument("--device", help=f"auto, cpu, cuda or cuda:N [{d.device}]")
+    a.add_argument("--malloc-keep", choices=("auto", "on", "off"),
+                   help="keep freed CPU blocks up to 256 MiB for reuse instead of returning them "
+                        "to the OS (glibc; saves the page faults of large activations); auto = on "
+                        f"when training on the CPU [{d.malloc_keep}]")
     a.add_argument("--seed", type=int, help=f"[{d.seed}]")
     a.add_argument("--amp", choices=("none", "bf16", "fp16"), help=f"autocast dtype [{d.amp}]")
     a.add_argument("--compile", action="store_true", help="torch.compile the model")

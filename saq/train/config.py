@@ -74,6 +74,7 @@ class TrainConfig:
     out: Optional[str] = None
     resume: Optional[str] = None
     device: str = "auto"
+    malloc_keep: str = "auto"
     seed: int = 0
     amp: str = "none"
     compile: bool = False
@@ -210,6 +211,8 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.amp in ("none", "bf16", "fp16"), "--amp must be none, bf16 or fp16")
     need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
          f"--device must be auto, cpu or cuda, got {cfg.device!r}")
+    need(cfg.malloc_keep in ("auto", "on", "off"),
+         f"--malloc-keep must be auto, on or off, got {cfg.malloc_keep!r}")
     need(cfg.max_steps is None or cfg.max_steps >= 1, "--max-steps must be >= 1")
     need(cfg.warmup_epochs >= 0, "--warmup-epochs must be >= 0")
     need(cfg.ascent_every >= 1, f"--ascent-every must be >= 1, got {cfg.ascent_every}")

@@ -44,6 +44,7 @@ from . import checkpoint as ckpt_mod
 from . import distributed as dist_mod
 from .config import (STRUCTURAL_FIELDS, ConfigError, TrainConfig, apply_overrides,
                      default_run_name, resolve)
+from .allocator import MMAP_THRESHOLD, keep_large_cpu_blocks
 from .metrics import MetricsLogger, format_summary, summarize, topk_correct, write_json
 from .plots import plot_curves
 
@@ -52,7 +53,8 @@ __all__ = ["build_config", "build_model", "param_groups", "build_optimizer", "bu
 
 CLIP_SUFFIXES = ("clip_value", "_scale", "_zero_point")
 # Options of one invocation, reset to their defaults (not taken from the checkpoint) on resume.
-RUN_LOCAL_FIELDS = ("max_steps", "progress", "log_every", "device", "workers", "compile")
+RUN_LOCAL_FIELDS = ("max_steps", "progress", "log_every", "device", "workers", "compile",
+                    "malloc_keep")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -366,6 +368,13 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
 def _train(cfg, env, device, make_loaders, set_epoch, t_start):
     log = lambda *a: dist_mod.print0(*a, env=env)  # noqa: E731
+    if cfg.malloc_keep == "on" or (cfg.malloc_keep == "auto" and device.type == "cpu"):
+        why = keep_large_cpu_blocks()
+        if why is None:
+            log(f"allocator: freed CPU blocks up to {MMAP_THRESHOLD >> 20} MiB are kept for reuse "
+                f"(--malloc-keep off to disable)")
+        elif cfg.malloc_keep == "on":
+            log(f"allocator: --malloc-keep on not applied: {why}")
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
