@@ -197,9 +197,8 @@ template <typename T>
 SAQ_CLONES void perturb_kernel(T* __restrict p, const T* __restrict g, T* __restrict b, T s,
                                bool adaptive, int64_t n) {
   if constexpr (std::is_same_v<T, c10::Half>) {
-    return perturb_tiles<T>(p, g, b, static_cast<float>(s), adaptive, n);
-  }
-  if (adaptive) {
+    perturb_tiles<T>(p, g, b, static_cast<float>(s), adaptive, n);
+  } else if (adaptive) {
     for (int64_t i = 0; i < n; ++i) {
       const T pv = p[i];
       b[i] = pv;
@@ -387,9 +386,8 @@ template <typename T>
 SAQ_CLONES void adamw_kernel(T* p, const T* b, const T* g, T* m, T* v, int64_t n,
                              const AdamConst& k) {
   if constexpr (std::is_same_v<T, c10::Half>) {
-    return adamw_tiles<T>(p, b, g, m, v, n, k);
-  }
-  if (b) {
+    adamw_tiles<T>(p, b, g, m, v, n, k);
+  } else if (b) {
     adamw_loop<T, true>(p, b, g, m, v, n, k);
   } else {
     adamw_loop<T, false>(p, b, g, m, v, n, k);
