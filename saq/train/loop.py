@@ -368,13 +368,14 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
 def _train(cfg, env, device, make_loaders, set_epoch, t_start):
     log = lambda *a: dist_mod.print0(*a, env=env)  # noqa: E731
+    alloc_note = None  # said after the run's headline
     if cfg.malloc_keep == "on" or (cfg.malloc_keep == "auto" and device.type == "cpu"):
         why = keep_large_cpu_blocks()
         if why is None:
-            log(f"allocator: freed CPU blocks up to {MMAP_THRESHOLD >> 20} MiB are kept for reuse "
-                f"(--malloc-keep off to disable)")
+            alloc_note = (f"allocator: freed CPU blocks up to {MMAP_THRESHOLD >> 20} MiB are kept "
+                          f"for reuse (--malloc-keep off to disable)")
         elif cfg.malloc_keep == "on":
-            log(f"allocator: --malloc-keep on not applied: {why}")
+            alloc_note = f"allocator: --malloc-keep on not applied: {why}"
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -426,6 +427,8 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
         f"{cfg.quantizer}, rho {cfg.rho}, {cfg.optimizer} lr {cfg.lr} ({cfg.scheduler}), "
         f"batch {cfg.batch_size}, {cfg.epochs} epochs x {spe} steps, device {device}"
         f"{f' x {env.world_size} ranks' if env.distributed else ''} -> {cfg.out}")
+    if alloc_note:
+        log(alloc_note)
     show = _progress_enabled(cfg, env)
     stopped = False
     for epoch in range(start_epoch, cfg.epochs):
