@@ -4,11 +4,12 @@
 #   bash benchmarks/gpu_check.sh            # from anywhere; works in the repository root
 #
 # Phases, each under `timeout` and inside one overall deadline (SAQ_CHECK_BUDGET seconds, default
-# 450, so the whole call stays under 8 minutes on an H100):
+# 500, so the whole call stays under 9 minutes on an H100; call it with run(..., timeout_s=540)):
 #   1. facts: GPU, driver, torch / triton / nvcc versions
 #   2. build saq_kernels._C in place (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16); a failure is reported
 #      and the cuda/cpp backends then say why they are unavailable (no JIT rebuild: SAQ_JIT_BUILD=0)
-#   3. GPU tests: pytest -m gpu tests/kernels tests/training
+#   3. GPU tests: pytest -m "gpu and not slow" tests/kernels tests/training; then compute-sanitizer
+#      memcheck of the CUDA kernels on a small case (tests/kernels/test_cuda_memcheck.py)
 #   4. GPU benchmarks, SAQ_BENCH_MODE=short, one pytest per suite with its own time budget
 #      (the harness skips the remaining cases when the budget is spent; the CSV is written as it goes)
 #   5. plots, the markdown report and the measured per-op default order
@@ -26,7 +27,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PY=${PYTHON:-python3}
-BUDGET=${SAQ_CHECK_BUDGET:-450}
+BUDGET=${SAQ_CHECK_BUDGET:-500}
 DEADLINE=$((SECONDS + BUDGET))
 WORK=$(mktemp -d /tmp/saq_gpu_check.XXXXXX)
 LOG=$WORK/gpu_check.log
@@ -91,9 +92,9 @@ elif [ ! -d tests/kernels ]; then
   say "tests: SKIPPED: no tests/kernels"
 else
   T=$(cap 150 180)  # ~500 gpu tests, many of them compiling a Triton variant first
-  say "tests: pytest -m gpu tests/kernels tests/training (timeout ${T}s)"
-  timeout -s INT -k 10 "$T" "$PY" -m pytest -m gpu tests/kernels tests/training -q -rfEs -p no:cacheprovider \
-    >"$WORK/tests.log" 2>&1
+  say "tests: pytest -m 'gpu and not slow' tests/kernels tests/training (timeout ${T}s)"
+  timeout -s INT -k 10 "$T" "$PY" -m pytest -m "gpu and not slow" tests/kernels tests/training -q -rfEs \
+    -p no:cacheprovider >"$WORK/tests.log" 2>&1
   rc=$?
   cat "$WORK/tests.log" >>"$LOG"
   grep -E "^(FAILED|ERROR)" "$WORK/tests.log" | head -15
@@ -111,6 +112,22 @@ else
     fi
   done
   [ -n "${EXCLUDE:-}" ] && say "tests: the proposed default order will leave out:${EXCLUDE//--exclude/}"
+
+  # 3b. compute-sanitizer memcheck of every CUDA kernel on a small case (skips without the tool)
+  if [ -f tests/kernels/test_cuda_memcheck.py ]; then
+    T=$(cap 75 150)
+    say "memcheck: pytest -m 'gpu and slow' tests/kernels/test_cuda_memcheck.py (timeout ${T}s)"
+    timeout -s INT -k 10 "$T" "$PY" -m pytest -m "gpu and slow" tests/kernels/test_cuda_memcheck.py -q -rfEs \
+      -p no:cacheprovider >"$WORK/memcheck.log" 2>&1
+    mrc=$?
+    cat "$WORK/memcheck.log" >>"$LOG"
+    case $mrc in
+      0) say "memcheck: $(tail -1 "$WORK/memcheck.log")" ;;
+      124|130) say "memcheck: TIMEOUT after ${T}s (not a memory error; rerun it alone)" ;;
+      *) say "memcheck: FAILED rc=$mrc: $(grep -m3 -E "ERROR SUMMARY|Invalid|out of bounds" "$WORK/memcheck.log" | tr '\n' ' ')"
+         case "${EXCLUDE:-}" in *"--exclude cuda"*) ;; *) EXCLUDE="${EXCLUDE:-} --exclude cuda" ;; esac ;;
+    esac
+  fi
 fi
 
 # ---- 4. benchmarks ----------------------------------------------------------------------------

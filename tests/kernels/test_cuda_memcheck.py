@@ -1,0 +1,82 @@
+"""compute-sanitizer memcheck over the CUDA kernels (the issue's "compute-sanitizer memcheck on a
+small case"): tests/kernels/memcheck_case.py runs every op on the cuda backend, forward and
+backward, odd sizes, unaligned and non-contiguous views, three dtypes, under the sanitizer.
+
+On a GPU machine: ``python -m pytest -m "gpu and slow" tests/kernels/test_cuda_memcheck.py``
+(benchmarks/gpu_check.sh runs it as its own step). Without CUDA, the compiled kernels or
+compute-sanitizer the GPU test skips with the reason; the case itself is checked on the CPU in
+the default suite, so it cannot rot between GPU runs.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+import saq_kernels as sk
+
+CASE = Path(__file__).with_name("memcheck_case.py")
+
+
+def _case_module():
+    spec = importlib.util.spec_from_file_location("memcheck_case", CASE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _sanitizer() -> Optional[str]:
+    """compute-sanitizer from the PATH, else from the CUDA toolkit the build uses."""
+    exe = shutil.which("compute-sanitizer")
+    if exe:
+        return exe
+    from saq_kernels._build import resolve_cuda_home
+
+    home = resolve_cuda_home()
+    for rel in ("bin/compute-sanitizer", "compute-sanitizer/compute-sanitizer"):
+        if home and os.access(os.path.join(home, rel), os.X_OK):
+            return os.path.join(home, rel)
+    return None
+
+
+def test_case_runs_every_op_on_the_cpu(capsys):
+    backend = "cpp" if sk.get_backend("cpp").available() is None else "reference"
+    assert _case_module().main(["--device", "cpu", "--backend", backend]) == 0
+    out = capsys.readouterr().out
+    calls = int(out.split("memcheck case: ")[1].split()[0])
+    assert calls >= 800, out  # 3 dtypes x 4 shapes x 3 layouts x (16 fq + 8 liq calls) + SAM ops
+
+
+def test_case_reports_an_unavailable_backend(capsys, monkeypatch):
+    class Off:
+        def available(self):
+            return "no such device here"
+
+    monkeypatch.setattr(sk, "get_backend", lambda name: Off())
+    assert _case_module().main(["--backend", "cuda"]) == 2
+    assert "unavailable: no such device here" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_memcheck_cuda_backend():
+    reason = sk.get_backend("cuda").available()
+    if reason is not None:
+        pytest.skip(reason)
+    san = _sanitizer()
+    if san is None:
+        pytest.skip("compute-sanitizer is not on the PATH nor in the CUDA toolkit")
+    run = subprocess.run(
+        [san, "--tool", "memcheck", "--error-exitcode", "99", "--leak-check", "no",
+         sys.executable, str(CASE), "--device", "cuda", "--backend", "cuda"],
+        capture_output=True, text=True, timeout=540)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-4000:]
+    assert "op calls on backend cuda returned" in out, out[-4000:]
+    assert "ERROR SUMMARY: 0 errors" in out, out[-4000:]
