@@ -72,8 +72,8 @@ constexpr int kReluInput = 3;
 // BFloat16 constructor stays an out-of-line call inside such loops (gcc: "statement clobbers
 // memory"), which stops the vectorizer. bf16_bits is the same conversion written with a select
 // instead of a branch, bit for bit (checked over all 2^32 fp32 inputs): round to nearest even,
-// NaN -> 0x7fc0. fp16 keeps c10's conversion, which inlines and vectorizes in simple loops (an
-// integer version of it measured 1.5x slower in the SGD tiles).
+// NaN -> 0x7fc0. fp16 goes through F16C in tiles where the CPU has it (below), else through
+// c10's conversion (an integer version of it measured 1.5x slower than c10's in the SGD tiles).
 // ---------------------------------------------------------------------------------------------
 SAQ_INLINE uint32_t bits_of(float v) {
   uint32_t u;
@@ -140,7 +140,6 @@ template <typename T>
 // F16C rounds to nearest even like c10; NaN payloads are kept (quieted), as torch's vectorized
 // kernels keep them, where c10's software fallback returns its canonical NaN.
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(SAQ_NO_F16C)
-#define SAQ_F16C 1
 __attribute__((target("avx,f16c"))) inline void half_to_float_f16c(const c10::Half* src, float* dst,
                                                                      int64_t n) {
   const auto* s = reinterpret_cast<const uint16_t*>(src);
@@ -179,7 +178,6 @@ inline bool cpu_has_f16c() {
   return yes;
 }
 #else
-#define SAQ_F16C 0
 inline bool cpu_has_f16c() { return false; }
 inline void half_to_float_f16c(const c10::Half*, float*, int64_t) {}
 inline void float_to_half_f16c(const float*, c10::Half*, int64_t) {}
