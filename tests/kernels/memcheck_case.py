@@ -13,6 +13,7 @@ returned; the sanitizer's own exit code reports memory errors.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -26,9 +27,7 @@ SHAPES = ((7,), (3, 17, 9), (1031,), (5, 33))
 def _inputs(shape, dtype, device, seed):
     """A plain tensor, a view one element into its buffer, and a non-contiguous view."""
     g = torch.Generator().manual_seed(seed)
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     plain = torch.randn(shape, generator=g).to(dtype).to(device)
     offset = torch.randn(n + 1, generator=g).to(dtype).to(device)[1:].view(shape)
     wide = torch.randn(*shape[:-1], 2 * shape[-1], generator=g).to(dtype).to(device)

@@ -9,7 +9,6 @@ the default suite, so it cannot rot between GPU runs.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+from bit_utils import load_script
 
 import saq_kernels as sk
 
@@ -25,10 +25,7 @@ CASE = Path(__file__).with_name("memcheck_case.py")
 
 
 def _case_module():
-    spec = importlib.util.spec_from_file_location("memcheck_case", CASE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(CASE)
 
 
 def _sanitizer() -> Optional[str]:

@@ -1,21 +1,17 @@
 """The measured default backend order: benchmarks/choose_defaults.py ranks the recorded rows, writes
 saq_kernels/backends/measured_order.py, and the registry follows it per device type, op and dtype."""
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bit_utils import load_script
 
 from saq_kernels import backends
 from saq_kernels.backends import measured_order
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("choose_defaults", ROOT / "benchmarks" / "choose_defaults.py")
-cd = importlib.util.module_from_spec(_spec)
-sys.modules["choose_defaults"] = cd  # dataclasses look their module up by name
-_spec.loader.exec_module(cd)
+cd = load_script(ROOT / "benchmarks" / "choose_defaults.py")
 
 
 def row(op, provider, mode, shape, dtype, ms):

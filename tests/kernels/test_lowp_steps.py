@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bit_utils import as_bits
 
 import saq_kernels as sk
 
@@ -35,8 +36,8 @@ def all_patterns(dtype, seed):
 
 def same(a, b):
     """Bit-identical, except that two NaNs match whatever their payloads."""
-    nan = a.isnan() & b.isnan()
-    return ((a.view(torch.int16) == b.view(torch.int16)) | nan) & (a.isnan() == b.isnan())
+    either_nan = a.isnan() | b.isnan()
+    return torch.where(either_nan, a.isnan() & b.isnan(), as_bits(a) == as_bits(b))
 
 
 def emulate_sgd(p, backup, g, buf, lr, momentum, dampening, wd, nesterov, first):
@@ -145,7 +146,7 @@ def test_perturb_bitwise_over_all_patterns(dtype, adaptive):
     want = (p.float() + e).to(dtype)
     P, B = [p.clone()], [torch.full_like(p, float("nan"))]
     torch.ops.saq_C.sam_perturb_(P, [g], B, s, [adaptive])
-    assert torch.equal(B[0].view(torch.int16), p.view(torch.int16))
+    assert torch.equal(as_bits(B[0]), as_bits(p))
     ok = same(P[0], want)
     assert bool(ok.all()), f"{int((~ok).sum())} differ"
 
