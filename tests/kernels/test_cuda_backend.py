@@ -10,10 +10,15 @@ SAM step, and the error messages.
 
 Everything is marked ``gpu``; without CUDA (or without the compiled kernels) every test is
 skipped with the backend's own availability sentence. Collecting never touches CUDA.
+
+With SAQ_CUDA_EMU_LIB naming a library built by tests/kernels/cuda_emu/build_emu.py, the same
+tests run the same kernel code on the host instead (CPU tensors, ops ``torch.ops.saq_cuda_emu``,
+no ``gpu`` mark; the CUDA-graph tests skip): tests/kernels/test_cuda_emulation.py does that.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import List, Optional
 
 import pytest
@@ -22,15 +27,20 @@ import torch
 import saq_kernels as sk
 from saq_kernels import reference as R
 
-pytestmark = pytest.mark.gpu
+# The host emulation of the CUDA kernels, when tests/kernels/test_cuda_emulation.py runs this file.
+_EMU_LIB = os.environ.get("SAQ_CUDA_EMU_LIB")
+if _EMU_LIB:
+    torch.ops.load_library(_EMU_LIB)
+else:
+    pytestmark = pytest.mark.gpu
 
-DEVICE = "cuda"
+DEVICE = "cpu" if _EMU_LIB else "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1,), (7,), (33, 5), (3, 17, 9), (1031,), (4, 3, 5, 7), (129, 257)]
 
 
 def _unavailable() -> Optional[str]:
-    return sk.get_backend("cuda").available()
+    return None if _EMU_LIB else sk.get_backend("cuda").available()
 
 
 _REASON = _unavailable()
@@ -44,6 +54,8 @@ def _needs_cuda_backend():
 
 def _op(name: str):
     """The cuda backend's implementation of op ``name`` (positional signature of saq_kernels/OPS.md)."""
+    if _EMU_LIB:
+        return getattr(torch.ops.saq_cuda_emu, name).default
     return sk.get_backend("cuda").table()[name]
 
 
