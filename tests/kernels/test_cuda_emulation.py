@@ -97,9 +97,11 @@ def _run_cuda_backend_suite(lib: str, asan_log: Path | None = None, **env) -> No
 
 
 def test_cuda_backend_suite_passes_on_the_emulated_kernels():
-    """tests/kernels/test_cuda_backend.py, every test but the CUDA-graph ones, on the host."""
+    """tests/kernels/test_cuda_backend.py, every test but the CUDA-graph ones, on the host, with
+    an H100's 132 multiprocessors (the launch geometry of the GPU the targets name; the sanitizer
+    run below uses 3, where the grid-stride loops go round several times)."""
     build = load_script(EMU / "build_emu.py")
-    _run_cuda_backend_suite(build.build())
+    _run_cuda_backend_suite(build.build(), SAQ_CUDA_EMU_SMS="132")
 
 
 @pytest.mark.slow
@@ -113,6 +115,6 @@ def test_cuda_backend_suite_under_address_sanitizer(tmp_path):
     if preload is None:
         pytest.skip(f"{CXX} has no shared AddressSanitizer runtime (libasan.so)")
     log = tmp_path / "asan"
-    _run_cuda_backend_suite(build.build(asan=True), asan_log=log, LD_PRELOAD=preload,
-                            ASAN_OPTIONS="detect_leaks=0:malloc_fill_byte=255:max_malloc_fill_size=2147483647:"
-                            f"log_path={log}")
+    options = f"detect_leaks=0:malloc_fill_byte=255:max_malloc_fill_size=2147483647:log_path={log}"
+    _run_cuda_backend_suite(build.build(asan=True), asan_log=log, SAQ_CUDA_EMU_SMS="3",
+                            LD_PRELOAD=preload, ASAN_OPTIONS=options)

@@ -65,7 +65,8 @@ def _split_top(s: str) -> List[str]:
 
 
 def rewrite_launches(src: str) -> str:
-    """Every ``k<<<grid, block, ...>>>(args);`` as ``emu_launch(dim3(grid), dim3(block), [&] { k(args); });``."""
+    """Every ``k<<<grid, block, ...>>>(args);`` as
+    ``emu_launch(dim3(grid), dim3(block), [&] { k(args); });``."""
 
     def one(m: re.Match) -> str:
         cfg = _split_top(m.group(2))
@@ -159,8 +160,9 @@ def build(out_dir: os.PathLike | str | None = None, cxx: str | None = None, asan
         objs = list(pool.map(compile_one, sources))
     libdir = cpp_extension.library_paths()[0]
     tmp = lib.with_suffix(".tmp")
-    r = subprocess.run([cxx, "-shared", *(["-fsanitize=address"] if asan else []), "-o", str(tmp), *map(str, objs), f"-L{libdir}", "-lc10",
-                        "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{libdir}"], capture_output=True, text=True)
+    link = [cxx, "-shared", *(["-fsanitize=address"] if asan else []), "-o", str(tmp), *map(str, objs),
+            f"-L{libdir}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{libdir}"]
+    r = subprocess.run(link, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"cuda_emu: linking failed:\n{r.stderr[-6000:]}")
     tmp.replace(lib)  # atomic: a concurrent reader sees the old name missing or the whole library

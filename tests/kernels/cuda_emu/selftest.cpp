@@ -57,14 +57,21 @@ int main(int argc, char** argv) {
   std::vector<float> floats(1024);
   alignas(16) char bytes[64] = {};
   std::vector<unsigned> words(64);
-  if (c == "divergent_sync") emu_launch(dim3(2), dim3(64), [&] { divergent_sync(ints.data()); });
-  else if (c == "partial_warp_shuffle") emu_launch(dim3(1), dim3(64), [&] { partial_warp_shuffle(floats.data()); });
-  else if (c == "misaligned_load") emu_launch(dim3(1), dim3(32), [&] { misaligned_load(bytes, words.data()); });
-  else if (c == "block_too_large") emu_launch(dim3(1), dim3(2048), [&] { divergent_sync(ints.data()); });
-  else if (c == "block_not_warp_multiple") emu_launch(dim3(1), dim3(48), [&] { divergent_sync(ints.data()); });
-  else if (c == "grid_y_too_large") emu_launch(dim3(1, 70000), dim3(32), [&] { divergent_sync(ints.data()); });
-  else if (c == "empty_grid") emu_launch(dim3(0), dim3(32), [&] { divergent_sync(ints.data()); });
-  else {
+  if (c == "divergent_sync") {
+    emu_launch(dim3(2), dim3(64), [&] { divergent_sync(ints.data()); });
+  } else if (c == "partial_warp_shuffle") {
+    emu_launch(dim3(1), dim3(64), [&] { partial_warp_shuffle(floats.data()); });
+  } else if (c == "misaligned_load") {
+    emu_launch(dim3(1), dim3(32), [&] { misaligned_load(bytes, words.data()); });
+  } else if (c == "block_too_large") {
+    emu_launch(dim3(1), dim3(2048), [&] { divergent_sync(ints.data()); });
+  } else if (c == "block_not_warp_multiple") {
+    emu_launch(dim3(1), dim3(48), [&] { divergent_sync(ints.data()); });
+  } else if (c == "grid_y_too_large") {
+    emu_launch(dim3(1, 70000), dim3(32), [&] { divergent_sync(ints.data()); });
+  } else if (c == "empty_grid") {
+    emu_launch(dim3(0), dim3(32), [&] { divergent_sync(ints.data()); });
+  } else {
     std::fprintf(stderr, "selftest: unknown case '%s'\n", c.c_str());
     return 2;
   }
