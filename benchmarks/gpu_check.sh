@@ -12,10 +12,14 @@
 #      memcheck of the CUDA kernels on a small case (tests/kernels/test_cuda_memcheck.py)
 #   4. GPU benchmarks, SAQ_BENCH_MODE=short, one pytest per suite with its own time budget
 #      (the harness skips the remaining cases when the budget is spent; the CSV is written as it goes)
+#   4b. the Triton launch-constant sweep (benchmarks/triton_sweep.py: BLOCK x num_warps, fp32 at
+#      2^26 and ResNet-50's SAM update), SAQ_CHECK_SWEEP seconds (default 45) kept from the
+#      benchmarks, or none when fewer than 90 s would be left to them
 #   5. plots, the markdown report and the measured per-op default order
 # Results: benchmarks/results/<gpu-slug>.csv and benchmarks/results/plots/; when $OUT is set, also
-# $OUT/<gpu-slug>.csv, $OUT/gpu_check.log, $OUT/report.md, $OUT/plots.tar.gz, $OUT/bench_json.tar.gz
-# and $OUT/measured_order.py (the per-op default order the rows imply: benchmarks/choose_defaults.py).
+# $OUT/<gpu-slug>.csv, $OUT/gpu_check.log, $OUT/report.md, $OUT/plots.tar.gz, $OUT/bench_json.tar.gz,
+# $OUT/measured_order.py (the per-op default order the rows imply: benchmarks/choose_defaults.py)
+# and $OUT/triton_sweep-<gpu-slug>.csv with $OUT/triton_sweep.md.
 # The compact table is printed last.
 #
 # Environment: PYTHON (default python3), SAQ_CHECK_BUDGET (s), SAQ_CHECK_SKIP_BUILD=1,
@@ -133,13 +137,16 @@ fi
 # ---- 4. benchmarks ----------------------------------------------------------------------------
 CSV=$("$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import harness; print(harness.results_path())" 2>>"$LOG")
 say "benchmarks: suite $SAQ_BENCH_MODE -> ${CSV:-?}"
+# seconds kept for the Triton sweep (4b): the benchmarks come first
+SWEEP=${SAQ_CHECK_SWEEP:-45}
+[ $(( $(left) - 35 - SWEEP )) -lt 90 ] && SWEEP=0
 wsum=0
 for sw in $SUITES; do w=${sw#*:}; [ "$w" = "$sw" ] && w=25; wsum=$((wsum + w)); done
 for sw in $SUITES; do
   s=${sw%%:*}; w=${sw#*:}; [ "$w" = "$sw" ] && w=25
   f=benchmarks/bench_$s.py
-  # this suite's weight in what is left (35 s kept for the report)
-  share=$(( ($(left) - 35) * w / wsum ))
+  # this suite's weight in what is left (35 s kept for the report, SWEEP for the sweep)
+  share=$(( ($(left) - 35 - SWEEP) * w / wsum ))
   wsum=$((wsum - w))
   [ -f "$f" ] || { say "bench $s: SKIPPED: no $f"; continue; }
   [ "$share" -lt 15 ] && { say "bench $s: SKIPPED: out of time"; continue; }
@@ -153,6 +160,18 @@ for sw in $SUITES; do
   say "bench $s: rc=$rc: $(tail -1 "$WORK/bench_$s.log")"
 done
 
+# ---- 4b. Triton launch-constant sweep -----------------------------------------------------------
+if [ "$SWEEP" -gt 0 ] && [ -f benchmarks/triton_sweep.py ]; then
+  T=$(cap "$SWEEP" 35)
+  say "triton sweep: BLOCK x num_warps, fp32 2^26 + ResNet-50 SAM update (budget ${T}s)"
+  timeout -s INT -k 10 $((T + 5)) "$PY" benchmarks/triton_sweep.py --configs 1024x4,2048x8,4096x8 \
+    --sizes 26 --dtypes fp32 --budget "$T" >"$WORK/triton_sweep.md" 2>>"$LOG"
+  say "triton sweep: rc=$? $(grep -c '^| ' "$WORK/triton_sweep.md" 2>/dev/null) table lines"
+  cat "$WORK/triton_sweep.md" >>"$LOG"
+else
+  say "triton sweep: skipped (time goes to the benchmarks)"
+fi
+
 # ---- 5. plots, report, $OUT --------------------------------------------------------------------
 if [ -n "${CSV:-}" ] && [ -f "$CSV" ]; then
   PLOTS=$(dirname "$CSV")/plots
@@ -165,6 +184,7 @@ if [ -n "${CSV:-}" ] && [ -f "$CSV" ]; then
   timeout 30 "$PY" benchmarks/choose_defaults.py "$CSV" --write --module "$WORK/measured_order.py" \
     ${EXCLUDE:-} >"$WORK/defaults.md" 2>>"$LOG" || say "choose_defaults: FAILED"
   cat "$WORK/defaults.md" >>"$WORK/report.md"
+  [ -s "$WORK/triton_sweep.md" ] && { echo; cat "$WORK/triton_sweep.md"; } >>"$WORK/report.md"
 else
   say "no results file: nothing to plot or report"
 fi
@@ -173,6 +193,8 @@ if [ -n "${OUT:-}" ]; then
   [ -n "${CSV:-}" ] && [ -f "$CSV" ] && cp "$CSV" "$OUT/"
   [ -f "$WORK/report.md" ] && cp "$WORK/report.md" "$OUT/"
   [ -f "$WORK/measured_order.py" ] && cp "$WORK/measured_order.py" "$OUT/"
+  [ -s "$WORK/triton_sweep.md" ] && cp "$WORK/triton_sweep.md" "$OUT/"
+  [ -n "${CSV:-}" ] && ls "$(dirname "$CSV")"/triton_sweep-*.csv >/dev/null 2>&1 && cp "$(dirname "$CSV")"/triton_sweep-*.csv "$OUT/"
   [ -n "${PLOTS:-}" ] && [ -d "$PLOTS" ] && tar -czf "$OUT/plots.tar.gz" -C "$(dirname "$PLOTS")" plots
   ls "$WORK"/bench_*.json >/dev/null 2>&1 && tar -czf "$OUT/bench_json.tar.gz" -C "$WORK" $(cd "$WORK" && ls bench_*.json)
   say "copied results to \$OUT ($(ls "$OUT" | tr '\n' ' '))"

@@ -12,16 +12,35 @@ import torch
 import triton
 import triton.language as tl
 
+
+def _launch_constant(name: str, default: int, lo: int, hi: int) -> int:
+    """``default``, or the environment variable ``name`` when set: a power of two in [lo, hi].
+    Read once, at import: benchmarks/triton_sweep.py times each setting in a fresh process."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        v = 0
+    if v < lo or v > hi or v & (v - 1):
+        raise ValueError(f"saq Triton kernels: {name}={raw!r} is not a power of two in [{lo}, {hi}]; "
+                         f"unset it for the default ({default})")
+    return v
+
+
 # Elementwise kernels: 1024 elements per program over 4 warps (128 threads) = 8 fp32 per thread,
 # two 16-byte vector accesses in flight per operand, the usual point for memory-bound pointwise
 # kernels (Inductor's pointwise XBLOCK=1024 / 4 warps). TODO(GPU): measure 1024/4 against
-# 2048/8 and 4096/8 on an H100 (benchmarks/); no GPU was available when these were written.
-BLOCK = 1024
-NUM_WARPS = 4
+# 2048/8 and 4096/8 on an H100 (benchmarks/triton_sweep.py, run by benchmarks/gpu_check.sh);
+# no GPU was available when these were written. SAQ_TRITON_BLOCK / SAQ_TRITON_NUM_WARPS override
+# them for such a sweep.
+BLOCK = _launch_constant("SAQ_TRITON_BLOCK", 1024, 128, 16384)
+NUM_WARPS = _launch_constant("SAQ_TRITON_NUM_WARPS", 4, 1, 32)
 # Reduction kernels (fake-quantize backward) cap their grid at this many programs and loop over
 # the rest, so the partial-sum buffer stays small (<= MAX_PROGRAMS * C floats) while still
-# giving each of an H100's 132 SMs several programs. TODO(GPU): measure.
-MAX_PROGRAMS = 1024
+# giving each of an H100's 132 SMs several programs. TODO(GPU): measure (SAQ_TRITON_MAX_PROGRAMS).
+MAX_PROGRAMS = _launch_constant("SAQ_TRITON_MAX_PROGRAMS", 1024, 128, 65536)
 
 
 def interpreting() -> bool:
