@@ -3,7 +3,8 @@
 The sweep's numbers only mean something on a GPU (benchmarks/gpu_check.sh runs it there); here it
 runs under the Triton interpreter to show that each configuration really reaches the kernels (a
 child process reports the constants saq_kernels/_triton/utils.py read), that its rows and report
-come out, and that bad settings are refused with a message naming the variable.
+come out, that bad settings are refused with a message naming the variable, and (slow) that the
+Triton parity suite passes under other settings, so whatever the sweep picks stays exact.
 """
 from __future__ import annotations
 
@@ -66,3 +67,17 @@ def test_sweep_runs_each_configuration_in_its_own_process(tmp_path):
     assert all(float(row["median_ms"]) > 0 and float(row["copy_ms"]) > 0 for row in rows)
     assert "| fq_fwd | fp32 | 2^10 |" in r.stdout
     assert "128x1x1024:" in r.stdout and "256x2x128:" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block,warps,programs", [(256, 2, 128), (4096, 8, 1024)])
+def test_triton_parity_holds_for_other_launch_constants(block, warps, programs):
+    """Whatever the sweep picks must stay exact: the Triton parity suite under another BLOCK /
+    num_warps / MAX_PROGRAMS (256x2x128: many programs, reductions that loop over the grid)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", SAQ_TRITON_BLOCK=str(block),
+               SAQ_TRITON_NUM_WARPS=str(warps), SAQ_TRITON_MAX_PROGRAMS=str(programs))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        str(ROOT / "tests" / "kernels" / "test_triton_backend.py")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout
