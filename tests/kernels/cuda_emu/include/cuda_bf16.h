@@ -2,20 +2,15 @@
 // fp32 -> bf16 rounds to nearest even, a NaN stays a (quiet) NaN.
 #pragma once
 #include <cstdint>
-#include <cstring>
+
+#include "emu_bits.h"
 
 struct __nv_bfloat16 {
   unsigned short x;
 };
-inline float __bfloat162float(__nv_bfloat16 h) {
-  const uint32_t u = static_cast<uint32_t>(h.x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float __bfloat162float(__nv_bfloat16 h) { return emu_bit_cast<float>(static_cast<uint32_t>(h.x) << 16); }
 inline __nv_bfloat16 __float2bfloat16_rn(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
+  uint32_t u = emu_bit_cast<uint32_t>(v);
   if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{static_cast<unsigned short>((u >> 16) | 0x40)};
   u += 0x7fffu + ((u >> 16) & 1u);
   return __nv_bfloat16{static_cast<unsigned short>(u >> 16)};

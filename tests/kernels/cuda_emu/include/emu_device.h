@@ -34,6 +34,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "emu_bits.h"
+
 #define __global__
 #define __device__
 #define __host__
@@ -311,14 +313,6 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __uint_as_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline uint32_t __float_as_uint(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
+inline float __uint_as_float(uint32_t u) { return emu_bit_cast<float>(u); }
+inline uint32_t __float_as_uint(float f) { return emu_bit_cast<uint32_t>(f); }
 using std::isfinite;
