@@ -10,6 +10,10 @@ Environment:
     SAQ_JIT_BUILD=0   never JIT-build at run time; without a prebuilt extension the "cpp" and
                       "cuda" backends are then unavailable.
     SAQ_BUILD_DIR     JIT build directory (default ~/.cache/saq/<torch version>-<cpu|cuda>).
+    SAQ_SANITIZE=address  development: ignore a prebuilt extension and JIT-build the C++ CPU
+                      kernels with AddressSanitizer (no CUDA; build directory tagged -asan). The
+                      process must run with the sanitizer runtime preloaded, see
+                      tests/kernels/test_cpp_sanitizer.py.
     TORCH_CUDA_ARCH_LIST  CUDA architectures (default "8.0;9.0").
 
 Nothing here runs at import time, and importing it never imports torch.
@@ -288,12 +292,25 @@ def load_extension():
     return mod
 
 
+def sanitizer() -> Optional[str]:
+    """The sanitizer SAQ_SANITIZE asks for ("address"), or None; anything else is refused."""
+    value = os.environ.get("SAQ_SANITIZE", "").strip().lower()
+    if value in ("", "0", "none"):
+        return None
+    if value != "address":
+        raise ExtensionUnavailable(
+            f"SAQ_SANITIZE={value!r} is not supported; use SAQ_SANITIZE=address or unset it")
+    return value
+
+
 def _load():
     import importlib
     import importlib.util
 
     import torch
 
+    if sanitizer() is not None:
+        return _jit_build()
     spec = importlib.util.find_spec("saq_kernels._C")
     if spec is not None:
         info = build_info()
@@ -337,9 +354,16 @@ def _jit_build():
             f"saq_kernels._C is not built and no C++ compiler ({cxx}) was found for the JIT build; "
             "install g++ or set CXX"
         )
-    with_cuda = cuda_wanted(csrc) is None
+    sanitize = sanitizer()
+    with_cuda = sanitize is None and cuda_wanted(csrc) is None
     sources = cpp_sources(csrc) + (cuda_sources(csrc) if with_cuda else [])
     tag = f"torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}".replace("+", "_")
+    cflags, ldflags = cxx_flags(), link_flags()
+    if sanitize is not None:  # -O1 -g: readable reports; the kernels' numerics do not change
+        tag += "-asan"
+        cflags = [f for f in cflags if not f.startswith("-O")] + ["-O1", "-g", "-fsanitize=address",
+                                                                   "-fno-omit-frame-pointer"]
+        ldflags = ldflags + ["-fsanitize=address"]
     build_dir = os.environ.get("SAQ_BUILD_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "saq", tag
     )
@@ -351,14 +375,14 @@ def _jit_build():
     mod = cpp_extension.load(
         name="saq_kernels_C",
         sources=sources,
-        extra_cflags=cxx_flags() + (["-DWITH_CUDA"] if with_cuda else []),
+        extra_cflags=cflags + (["-DWITH_CUDA"] if with_cuda else []),
         extra_cuda_cflags=nvcc_flags() if with_cuda else None,
-        extra_ldflags=link_flags(),
+        extra_ldflags=ldflags,
         extra_include_paths=[csrc],
         build_directory=build_dir,
         with_cuda=with_cuda,
         is_python_module=True,
         verbose=False,
     )
-    _STATE["info"] = make_build_info(with_cuda, "jit")
+    _STATE["info"] = make_build_info(with_cuda, "jit" if sanitize is None else f"jit-{sanitize}")
     return mod
