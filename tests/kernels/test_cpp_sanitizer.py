@@ -3,7 +3,7 @@
 The "cpp" backend is what users without a GPU run, so its vectorized loops, scalar tails, F16C
 tiles and fixed-chunk reductions are checked for memory errors too: with SAQ_SANITIZE=address
 saq_kernels JIT-builds the C++ sources with AddressSanitizer (saq_kernels/_build.py) and the cpp
-backend's parity tests run against that build in a subprocess, with the sanitizer runtime
+backend's parity tests, then the SAQ step tests, run against that build in a subprocess, with the sanitizer runtime
 preloaded and every new allocation filled with 0xff bytes (NaN in fp32/fp16/bf16), so a read
 past a tensor's end stops the run with the sanitizer's report and an output element a kernel
 forgets to write shows as a NaN.
@@ -24,8 +24,11 @@ ROOT = HERE.parents[1]
 
 pytestmark = pytest.mark.slow
 
-SUITES = ["test_cpp_backend.py", "test_lowp_steps.py", "test_native_autograd.py", "test_fq_relu.py",
-          "test_liq_relu.py"]
+# the kernel suites, then the SAQ steps that drive the multi-tensor ops over real parameter lists
+SUITES = [HERE / s for s in ("test_cpp_backend.py", "test_lowp_steps.py", "test_native_autograd.py",
+                             "test_fq_relu.py", "test_liq_relu.py")]
+SUITES += [ROOT / "tests" / "training" / s for s in ("test_fast_step.py", "test_saq_step.py",
+                                                     "test_relu_fold.py")]
 
 
 def _env(tmp_path: Path) -> dict:
@@ -53,7 +56,7 @@ def test_cpp_backend_suites_under_address_sanitizer(tmp_path):
     assert probe.returncode == 0, _report(probe, tmp_path)
     assert probe.stdout.split()[-2:] == ["None", "jit-address"], probe.stdout + probe.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        *[str(HERE / s) for s in SUITES]], cwd=ROOT, env=env, capture_output=True,
+                        *map(str, SUITES)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=1800)
     assert r.returncode == 0, _report(r, tmp_path)
     assert " passed" in r.stdout and " failed" not in r.stdout, _report(r, tmp_path)
