@@ -2,11 +2,10 @@
 
 The "cpp" backend is what users without a GPU run, so its vectorized loops, scalar tails, F16C
 tiles and fixed-chunk reductions are checked for memory errors too: with SAQ_SANITIZE=address
-saq_kernels JIT-builds the C++ sources with AddressSanitizer (saq_kernels/_build.py) and the cpp
-backend's parity tests, then the SAQ step tests, run against that build in a subprocess, with the sanitizer runtime
-preloaded and every new allocation filled with 0xff bytes (NaN in fp32/fp16/bf16), so a read
-past a tensor's end stops the run with the sanitizer's report and an output element a kernel
-forgets to write shows as a NaN.
+saq_kernels JIT-builds the C++ sources with AddressSanitizer (saq_kernels/_build.py), and the cpp
+backend's parity suites, then the SAQ step suites, run against that build in a subprocess set up
+by tests/kernels/sanitizer.py: a read or write past a tensor's end stops the run with the
+sanitizer's report, and an output element a kernel forgets to write shows as a NaN.
 """
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bit_utils import load_script
+from sanitizer import asan_env, asan_reports
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -32,19 +31,14 @@ SUITES += [ROOT / "tests" / "training" / s for s in ("test_fast_step.py", "test_
 
 
 def _env(tmp_path: Path) -> dict:
-    preload = load_script(HERE / "cuda_emu" / "build_emu.py").asan_runtime()
-    if preload is None:
+    env = asan_env(tmp_path / "asan", SAQ_SANITIZE="address", SAQ_BUILD_DIR=str(ROOT / "build" / "asan-cpp"))
+    if env is None:
         pytest.skip("the C++ compiler has no shared AddressSanitizer runtime (libasan.so)")
-    log = tmp_path / "asan"
-    return dict(os.environ, SAQ_SANITIZE="address", SAQ_BUILD_DIR=str(ROOT / "build" / "asan-cpp"),
-                LD_PRELOAD=preload,
-                ASAN_OPTIONS="detect_leaks=0:malloc_fill_byte=255:max_malloc_fill_size=2147483647:"
-                f"log_path={log}")
+    return env
 
 
 def _report(r: subprocess.CompletedProcess, tmp_path: Path) -> str:
-    logs = "".join(f"--- {p.name} ---\n{p.read_text()[:6000]}\n" for p in sorted(tmp_path.glob("asan.*")))
-    return logs + r.stdout[-5000:] + "\n--- stderr ---\n" + r.stderr[-3000:]
+    return asan_reports(tmp_path / "asan") + r.stdout[-5000:] + "\n--- stderr ---\n" + r.stderr[-3000:]
 
 
 def test_cpp_backend_suites_under_address_sanitizer(tmp_path):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from bit_utils import load_script
+from sanitizer import asan_env, asan_reports
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -77,17 +78,15 @@ def test_launch_rewrite_keeps_template_arguments_and_rejects_the_unknown():
         build.rewrite_launches("k<<<g, b>>>(x)")  # no semicolon: not a statement it understands
 
 
-def _run_cuda_backend_suite(lib: str, asan_log: Path | None = None, **env) -> None:
-    """tests/kernels/test_cuda_backend.py in a subprocess on the emulated kernels of ``lib``.
-    asan_log: where the sanitizer writes its report (pytest's output capture would swallow it)."""
-    env = dict(os.environ, SAQ_CUDA_EMU_LIB=lib, **env)
+def _run_cuda_backend_suite(lib: str, env: dict, asan_log: Path | None = None) -> None:
+    """tests/kernels/test_cuda_backend.py in a subprocess on the emulated kernels of ``lib``."""
+    env = dict(env, SAQ_CUDA_EMU_LIB=lib)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         str(HERE / "test_cuda_backend.py")], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=1200)
     report = r.stdout[-6000:] + "\n--- stderr ---\n" + r.stderr[-3000:]
     if asan_log is not None:
-        for log in sorted(asan_log.parent.glob(asan_log.name + ".*")):
-            report = f"--- {log.name} ---\n{log.read_text()[:6000]}\n{report}"
+        report = asan_reports(asan_log) + report
     assert r.returncode == 0, report
     passed = re.search(r"(\d+) passed", r.stdout)
     skipped = re.search(r"(\d+) skipped", r.stdout)
@@ -101,20 +100,18 @@ def test_cuda_backend_suite_passes_on_the_emulated_kernels():
     an H100's 132 multiprocessors (the launch geometry of the GPU the targets name; the sanitizer
     run below uses 3, where the grid-stride loops go round several times)."""
     build = load_script(EMU / "build_emu.py")
-    _run_cuda_backend_suite(build.build(), SAQ_CUDA_EMU_SMS="132")
+    _run_cuda_backend_suite(build.build(), dict(os.environ, SAQ_CUDA_EMU_SMS="132"))
 
 
 @pytest.mark.slow
 def test_cuda_backend_suite_under_address_sanitizer(tmp_path):
     """The same suite with the emulated kernels built with AddressSanitizer: no kernel reads or
     writes outside its tensors (outputs are exactly-sized allocations with redzones after them),
-    and every new allocation is filled with 0xff bytes (NaN in fp32/fp16/bf16), so an output
-    element a kernel forgets to write, or a workspace it reads before writing, shows."""
-    build = load_script(EMU / "build_emu.py")
-    preload = build.asan_runtime()
-    if preload is None:
-        pytest.skip(f"{CXX} has no shared AddressSanitizer runtime (libasan.so)")
+    and allocations are NaN-filled (sanitizer.py), so an output element a kernel forgets to
+    write, or a workspace it reads before writing, shows."""
     log = tmp_path / "asan"
-    options = f"detect_leaks=0:malloc_fill_byte=255:max_malloc_fill_size=2147483647:log_path={log}"
-    _run_cuda_backend_suite(build.build(asan=True), asan_log=log, SAQ_CUDA_EMU_SMS="3",
-                            LD_PRELOAD=preload, ASAN_OPTIONS=options)
+    env = asan_env(log, SAQ_CUDA_EMU_SMS="3")
+    if env is None:
+        pytest.skip(f"{CXX} has no shared AddressSanitizer runtime (libasan.so)")
+    build = load_script(EMU / "build_emu.py")
+    _run_cuda_backend_suite(build.build(asan=True), env, asan_log=log)

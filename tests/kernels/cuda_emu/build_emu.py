@@ -18,8 +18,7 @@ Three textual rewrites make the sources host C++; nothing else is edited:
 With asan=True the library is built with AddressSanitizer: an out-of-bounds read or write of a
 kernel (an index past a tensor's end) stops the process with the sanitizer's report, a host
 stand-in for compute-sanitizer's memcheck. Such a process needs the sanitizer runtime preloaded
-(asan_runtime() gives the LD_PRELOAD value) and ASAN_OPTIONS=detect_leaks=0 (python and torch
-keep memory at exit on purpose).
+(tests/kernels/sanitizer.py sets that up).
 
 Usage: ``python tests/kernels/cuda_emu/build_emu.py [--asan] [OUT_DIR]`` prints the library's path; the
 library is cached under OUT_DIR (default build/cuda_emu) by a hash of every input, so a rebuild
@@ -118,7 +117,7 @@ def _flags() -> List[str]:
 
 def build(out_dir: os.PathLike | str | None = None, cxx: str | None = None, asan: bool = False) -> str:
     """Build (or reuse) the emulation library; returns its path. asan: with AddressSanitizer
-    (load it into a process started with the sanitizer runtime preloaded: asan_runtime())."""
+    (load it into a process started with the sanitizer runtime preloaded: tests/kernels/sanitizer.py)."""
     import torch
     from torch.utils import cpp_extension
 
@@ -168,22 +167,6 @@ def build(out_dir: os.PathLike | str | None = None, cxx: str | None = None, asan
     tmp.replace(lib)  # atomic: a concurrent reader sees the old name missing or the whole library
     shutil.rmtree(gen, ignore_errors=True)  # the generated sources and objects served their purpose
     return str(lib)
-
-
-def asan_runtime(cxx: str | None = None) -> str | None:
-    """LD_PRELOAD for a process that loads an asan=True library: the compiler's AddressSanitizer
-    runtime, then libstdc++ (preloaded too, so that the runtime's C++ exception interceptor finds
-    the real __cxa_throw: without it the first TORCH_CHECK that throws aborts the process).
-    None when the compiler has no shared AddressSanitizer runtime."""
-    cxx = cxx or os.environ.get("CXX") or "g++"
-    paths = []
-    for name in ("libasan.so", "libstdc++.so.6"):
-        r = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True)
-        path = r.stdout.strip()
-        if r.returncode or not os.path.isabs(path) or not os.path.exists(path):
-            return None
-        paths.append(os.path.realpath(path))
-    return " ".join(paths)
 
 
 if __name__ == "__main__":
