@@ -115,7 +115,7 @@ def _cases(sizes: List[int], dtypes: List[str], sam_model: str):
 
 
 def child(args) -> None:
-    sys.path.insert(0, str(HERE))
+    sys.path[:0] = [str(HERE), str(HERE.parent)]  # harness, bench_sam; saq_kernels uninstalled too
     import harness as H
     from saq_kernels._triton import utils as U
 
