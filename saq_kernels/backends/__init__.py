@@ -78,7 +78,13 @@ class Backend:
         return self._reason
 
     def table(self) -> Dict[str, Callable]:
+        """op name -> implementation. Probes first (loading the extension is part of the cpp /
+        cuda probe), so an unavailable backend raises with its reason instead of failing inside
+        the loader."""
         if self._table is None:
+            reason = self.available()
+            if reason is not None:
+                raise RuntimeError(f"saq_kernels: backend '{self.name}' is unavailable here: {reason}")
             self._table = self.impls() if callable(self.impls) else dict(self.impls)
         return self._table
 

@@ -100,6 +100,24 @@ def test_unknown_and_unavailable_backend():
                     pass
 
 
+def test_table_probes_first_and_names_the_reason():
+    """get_backend(name).table() as the first call of a process loads what it needs (the
+    extension, for cpp); an unavailable backend raises with its reason."""
+    import subprocess
+    import sys
+
+    code = ("import saq_kernels as sk; t = sk.get_backend('cpp').table(); "
+            "print(sorted(t) == sorted(sk.backends.OP_NAMES))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if sk.available_backends()["cpp"] is None:
+        assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr[-2000:]
+    for name, reason in sk.available_backends().items():
+        if reason is not None:
+            sk.get_backend(name).reset()
+            with pytest.raises(RuntimeError, match=f"backend '{name}' is unavailable here: "):
+                sk.get_backend(name).table()
+
+
 def test_env_backend_that_cannot_serve_input_raises(monkeypatch):
     reasons = sk.available_backends()
     name = next((n for n in ("triton", "cuda") if reasons[n] is not None), None)
