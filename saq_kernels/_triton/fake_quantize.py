@@ -41,6 +41,7 @@ from .utils import (
     needs_int64,
     next_pow2,
     round_half_even,
+    splat,
     to_dtype,
 )
 
@@ -56,7 +57,7 @@ def _fake_quantize_fwd_block(
     xf = load_f32(x_ptr + offs, mask, 0.0)
     if RELU:  # Q(relu(x)); NaN stays NaN, as with torch.relu
         xf = tl.where(xf < 0.0, 0.0, xf)
-    se = xf * 0.0
+    se = tl.zeros_like(xf)
     if HAS_E:
         se = tl.load(s_ptr).to(tl.float32) * load_f32(e_ptr + offs, mask, 0.0)
         if BEFORE:
@@ -72,7 +73,7 @@ def _fake_quantize_fwd_block(
         scale = tl.load(scale_ptr)
         zp = tl.load(zp_ptr)
     zp = clamp_keep_nan(round_half_even(zp), qmin, qmax)
-    inv = tl.div_rn(scale * 0.0 + 1.0, scale)
+    inv = tl.div_rn(splat(scale, 1.0), scale)
     xq = round_half_even(xf * inv) + zp
     y = (clamp_keep_nan(xq, qmin, qmax) - zp) * scale
     if HAS_E:
@@ -116,7 +117,7 @@ def _fake_quantize_bwd_kernel(
     cmask = cs < C
     scale = tl.load(scale_ptr + cs, mask=cmask, other=1.0)
     zp = clamp_keep_nan(round_half_even(tl.load(zp_ptr + cs, mask=cmask, other=0.0)), qmin, qmax)
-    inv = tl.div_rn(scale * 0.0 + 1.0, scale)
+    inv = tl.div_rn(splat(scale, 1.0), scale)
     scale2 = scale[:, None]
     zp2 = zp[:, None]
     inv2 = inv[:, None]

@@ -41,6 +41,7 @@ from .utils import (
     masked_sum,
     needs_int64,
     round_half_even,
+    splat,
     to_dtype,
 )
 
@@ -51,7 +52,7 @@ __all__ = ["liq_quantize", "liq_quantize_backward", "liq_quantize_fwd", "liq_qua
 def _load_input(x_ptr, e_ptr, s_ptr, offs, mask, HAS_E: tl.constexpr, BEFORE: tl.constexpr):
     """(fp32 quantizer input, fp32 s*e): x, or x + s*e formed in fp32 for Case 2."""
     xf = load_f32(x_ptr + offs, mask, 0.0)
-    se = xf * 0.0
+    se = tl.zeros_like(xf)
     if HAS_E:
         se = tl.load(s_ptr).to(tl.float32) * load_f32(e_ptr + offs, mask, 0.0)
         if BEFORE:
@@ -127,7 +128,7 @@ def _liq_quantize_fwd_block(
 ):
     xf, se = _load_input(x_ptr, e_ptr, s_ptr, offs, mask, HAS_E, BEFORE)
     if STANDARDIZE:
-        xf = tl.div_rn(xf - tl.load(stats_ptr), xf * 0.0 + tl.load(stats_ptr + 1))
+        xf = tl.div_rn(xf - tl.load(stats_ptr), splat(xf, tl.load(stats_ptr + 1)))
     c = tl.abs(tl.load(clip_ptr).to(tl.float32))
     y, r = _liq_math(xf, c, n_levels, inv_n, SIGNED)
     if HAS_E:
@@ -164,9 +165,9 @@ def _liq_quantize_bwd_block(
     """Writes dx for the block and returns its partial sum of the clip gradient."""
     xf, se = _load_input(x_ptr, e_ptr, s_ptr, offs, mask, HAS_E, BEFORE)
     g = load_f32(g_ptr + offs, mask, 0.0)
-    std = xf * 0.0 + 1.0
+    std = splat(xf, 1.0)
     if STANDARDIZE:
-        std = xf * 0.0 + tl.load(stats_ptr + 1)
+        std = splat(xf, tl.load(stats_ptr + 1))
         xf = tl.div_rn(xf - tl.load(stats_ptr), std)
     c = tl.abs(tl.load(clip_ptr).to(tl.float32))
     y, r = _liq_math(xf, c, n_levels, inv_n, SIGNED)
@@ -180,7 +181,7 @@ def _liq_quantize_bwd_block(
     if STANDARDIZE:
         dx = tl.div_rn(dx, std)
     tl.store(dx_ptr + offs, to_dtype(dx, dx_ptr.dtype.element_ty), mask=mask)
-    local = tl.div_rn(y, xf * 0.0 + c) - tl.where(inside, r, 0.0)
+    local = tl.div_rn(y, splat(xf, c)) - tl.where(inside, r, 0.0)
     return masked_sum(g * local, mask)
 
 

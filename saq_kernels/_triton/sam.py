@@ -57,6 +57,7 @@ from .utils import (
     load_raw,
     masked_sum,
     round_to,
+    splat,
     tl_dtype,
     to_dtype,
 )
@@ -276,7 +277,7 @@ def _sam_restore_sgd_fwd_kernel(
 def _pow_int64(base, n):
     """base ** n in fp64 for an integer-valued fp32 n in [0, 2^31): square-and-multiply."""
     k = n.to(tl.int32)
-    acc = base * 0.0 + 1.0
+    acc = splat(base, 1.0)
     b = base
     for i in range(0, 31):
         acc = tl.where(((k >> i) & 1) != 0, acc * b, acc)
@@ -303,7 +304,7 @@ def _sam_restore_adamw_block(
     else:
         m = g - (g - m) * (1.0 - one_minus_b1)
     v = v * beta2 + one_minus_b2 * g * g
-    denom = tl.div_rn(tl.sqrt_rn(v), v * 0.0 + bc2_sqrt) + eps
+    denom = tl.div_rn(tl.sqrt_rn(v), splat(v, bc2_sqrt)) + eps
     new_p = new_p - step_size * tl.div_rn(m, denom)
     keep = _and_mask(mask, go)
     tl.store(m_ptr + offs, to_dtype(m, DT), mask=keep)

@@ -161,6 +161,14 @@ def load_raw(ptrs, mask):
 
 
 @triton.jit
+def splat(like, v):
+    """A block shaped like ``like`` (fp32) filled with the scalar ``v``: what ``tl.div_rn``
+    needs for a per-launch divisor. Not ``like * 0.0 + v``: that is NaN wherever ``like`` is
+    infinite (an inf input, an overflowed optimizer state), where the reference divides by v."""
+    return tl.zeros_like(like) + v
+
+
+@triton.jit
 def masked_sum(v, mask):
     """Sum of a block, masked-off lanes excluded (``mask`` None: every lane counts)."""
     if mask is None:
