@@ -43,6 +43,7 @@ from .utils import (
     round_half_even,
     splat,
     to_dtype,
+    widen,
 )
 
 __all__ = ["fake_quantize", "fake_quantize_backward", "fake_quantize_fwd", "fake_quantize_bwd"]
@@ -142,11 +143,11 @@ def _fake_quantize_bwd_kernel(
         else:
             off = crow * inner + ks[None, :]
         m = cmask[:, None] & kmask[None, :]
-        g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
-        xf = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+        g = widen(tl.load(g_ptr + off, mask=m, other=0.0))
+        xf = widen(tl.load(x_ptr + off, mask=m, other=0.0))
         if HAS_E:
             if BEFORE:
-                xf = xf + s * tl.load(e_ptr + off, mask=m, other=0.0).to(tl.float32)
+                xf = xf + s * widen(tl.load(e_ptr + off, mask=m, other=0.0))
         x_in = xf
         if RELU:  # the terms of Q(relu(x))
             xf = tl.where(xf < 0.0, 0.0, xf)

@@ -60,6 +60,7 @@ from .utils import (
     splat,
     tl_dtype,
     to_dtype,
+    widen,
 )
 
 __all__ = [
@@ -180,7 +181,7 @@ def _grad_sq_norm_finalize_kernel(part_ptr, norm_ptr, found_ptr, P, BLOCK_P: tl.
 def _sam_perturb_block(p_ptr, g_ptr, b_ptr, offs, mask, adaptive, s, DT: tl.constexpr):
     p_raw = load_raw(p_ptr + offs, mask)
     tl.store(b_ptr + offs, p_raw, mask=mask)
-    p = p_raw.to(tl.float32)
+    p = widen(p_raw)
     g = load_f32(g_ptr + offs, mask, 0.0)
     # the reference's ops one by one, each rounded to the parameter dtype
     if adaptive != 0:
@@ -229,23 +230,28 @@ def _sam_restore_sgd_block(
     weight_decay, DT: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, HAS_FOUND: tl.constexpr,
 ):
+    # The reference's torch ops one by one, each rounded to the parameter dtype (round_to is
+    # the identity for fp32), as the C++ and CUDA kernels do: in fp16 / bf16 the results then
+    # follow torch.optim.SGD's, overflows and underflows included.
     restored = load_raw(b_ptr + offs, mask)
-    p = restored.to(tl.float32)
+    p = widen(restored)
     d = load_f32(g_ptr + offs, mask, 0.0)
     go = _go(offs, found_ptr, HAS_FOUND)
     if HAS_WD:
-        d = d + weight_decay * p
+        d = round_to(d + weight_decay * p, DT)  # g.add(p, alpha=wd): one op
     if HAS_MOMENTUM:
         if FIRST_STEP:
             buf = d
         else:
-            buf = momentum * load_f32(m_ptr + offs, mask, 0.0) + one_minus_dampening * d
+            scaled = round_to(load_f32(m_ptr + offs, mask, 0.0) * momentum, DT)
+            buf = round_to(scaled + one_minus_dampening * d, DT)
         tl.store(m_ptr + offs, to_dtype(buf, DT), mask=_and_mask(mask, go))
         if NESTEROV:
-            d = d + momentum * buf
+            d = round_to(d + momentum * buf, DT)
         else:
             d = buf
-    tl.store(p_ptr + offs, tl.where(go, to_dtype(p - lr * d, DT), restored), mask=mask)
+    new_p = p - round_to(lr * d, DT)
+    tl.store(p_ptr + offs, tl.where(go, to_dtype(new_p, DT), restored), mask=mask)
 
 
 @triton.jit
@@ -287,25 +293,28 @@ def _pow_int64(base, n):
 
 @triton.jit
 def _sam_restore_adamw_block(
-    p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, step_size, bc2_sqrt, found_ptr,
-    one_minus_b1, one_minus_b2, beta2, eps, weight_decay, DT: tl.constexpr,
-    HAS_FOUND: tl.constexpr,
+    p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, mask, decay, step_size, bc2_sqrt, found_ptr,
+    one_minus_b1, one_minus_b2, beta2, eps, DT: tl.constexpr, HAS_FOUND: tl.constexpr,
 ):
     restored = load_raw(b_ptr + offs, mask)
-    p = restored.to(tl.float32)
+    p = widen(restored)
     g = load_f32(g_ptr + offs, mask, 0.0)
     m = load_f32(m_ptr + offs, mask, 0.0)
     v = load_f32(v_ptr + offs, mask, 0.0)
     go = _go(offs, found_ptr, HAS_FOUND)
-    new_p = p * (1.0 - lr * weight_decay)
+    # The reference's torch ops one by one, each rounded to the parameter dtype (identity for
+    # fp32), as the C++ and CUDA kernels do; in fp16 an eps of 1e-8 then underflows as it does
+    # in torch.optim.AdamW. decay, step_size and bc2_sqrt come rounded to the dtype.
+    new_p = round_to(p * decay, DT)
     # torch.lerp(m, g, w), w = 1 - beta1 (the double rounded to fp32, as torch does)
     if one_minus_b1 < 0.5:
-        m = m + one_minus_b1 * (g - m)
+        m = round_to(m + one_minus_b1 * (g - m), DT)
     else:
-        m = g - (g - m) * (1.0 - one_minus_b1)
-    v = v * beta2 + one_minus_b2 * g * g
-    denom = tl.div_rn(tl.sqrt_rn(v), splat(v, bc2_sqrt)) + eps
-    new_p = new_p - step_size * tl.div_rn(m, denom)
+        m = round_to(g - (g - m) * (1.0 - one_minus_b1), DT)
+    v = round_to(round_to(v * beta2, DT) + one_minus_b2 * g * g, DT)
+    root = round_to(tl.div_rn(round_to(tl.sqrt_rn(v), DT), splat(v, bc2_sqrt)), DT)
+    denom = round_to(root + eps, DT)
+    new_p = new_p - round_to(step_size * round_to(tl.div_rn(m, denom), DT), DT)
     keep = _and_mask(mask, go)
     tl.store(m_ptr + offs, to_dtype(m, DT), mask=keep)
     tl.store(v_ptr + offs, to_dtype(v, DT), mask=keep)
@@ -335,17 +344,19 @@ def _sam_restore_adamw_fwd_kernel(
     b2 = tl.cast(b2_hi, tl.float64) + tl.cast(b2_lo, tl.float64)
     bc1 = (1.0 - _pow_int64(b1, step)).to(tl.float32)
     bc2 = (1.0 - _pow_int64(b2, step)).to(tl.float32)
-    step_size = tl.div_rn(lr, bc1)
-    bc2_sqrt = tl.sqrt_rn(bc2)
+    # the reference's 0-dim ops in the parameter dtype: 1 - lr*wd, (lr / bc1).to, sqrt(bc2).to
+    decay = round_to(1.0 - round_to(lr * weight_decay, DT), DT)
+    step_size = round_to(tl.div_rn(lr, bc1), DT)
+    bc2_sqrt = round_to(tl.sqrt_rn(bc2), DT)
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= n:
-        _sam_restore_adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, None, lr, step_size,
+        _sam_restore_adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, None, decay, step_size,
                                  bc2_sqrt, found_ptr, one_minus_b1, one_minus_b2, beta2, eps,
-                                 weight_decay, DT, HAS_FOUND)
+                                 DT, HAS_FOUND)
     else:
-        _sam_restore_adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n, lr,
+        _sam_restore_adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n, decay,
                                  step_size, bc2_sqrt, found_ptr, one_minus_b1, one_minus_b2,
-                                 beta2, eps, weight_decay, DT, HAS_FOUND)
+                                 beta2, eps, DT, HAS_FOUND)
 
 
 @triton.jit

@@ -133,11 +133,24 @@ def to_dtype(v, DT: tl.constexpr):
 
 @triton.jit
 def round_to(v, DT: tl.constexpr):
-    """fp32 ``v`` rounded to ``DT`` and widened back to fp32 (one torch op's rounding in DT)."""
+    """fp32 ``v`` rounded to ``DT`` and widened back to fp32 (one torch op's rounding in DT).
+
+    bf16 is widened by its bits (:func:`widen`)."""
     if DT == tl.float32:
         return v
     else:
-        return to_dtype(v, DT).to(tl.float32)
+        return widen(to_dtype(v, DT))
+
+
+@triton.jit
+def widen(v):
+    """fp16 / bf16 / fp32 ``v`` as fp32. bf16 by its bits (a 16-bit shift, exact, what the GPU's
+    conversion does too): the interpreter's bf16 -> fp32 conversion gets bf16 subnormals wrong
+    (0x804e, -7.16e-39, came out as -2.57e-39)."""
+    if v.dtype == tl.bfloat16:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float32)
 
 
 @triton.jit
@@ -146,9 +159,9 @@ def load_f32(ptrs, mask, other):
     vector accesses (a mask built from a run-time size defeats them); else masked with ``other``.
     """
     if mask is None:
-        return tl.load(ptrs).to(tl.float32)
+        return widen(tl.load(ptrs))
     else:
-        return tl.load(ptrs, mask=mask, other=other).to(tl.float32)
+        return widen(tl.load(ptrs, mask=mask, other=other))
 
 
 @triton.jit

@@ -4,9 +4,9 @@
   csrc/cuda/reduce.cuh sums correctly across blocks, and what a GPU faults or hangs on aborts
   with the emulator's message (divergent __syncthreads, partial-warp shuffles, a misaligned
   16-byte load, launch geometry outside the device limits), so these checks can fail.
-* The CUDA backend's whole parity suite, tests/kernels/test_cuda_backend.py (and the non-finite
-  input cases of test_nonfinite_inputs.py), in a subprocess against the emulated kernels
-  (SAQ_CUDA_EMU_LIB): the same kernel sources and the same
+* The CUDA backend's whole parity suite, tests/kernels/test_cuda_backend.py (with the non-finite
+  input cases of test_nonfinite_inputs.py and the bitwise fp16/bf16 SAM steps over every bit
+  pattern of test_lowp_steps.py), in a subprocess against the emulated kernels (SAQ_CUDA_EMU_LIB): the same kernel sources and the same
   registration code as on a GPU, CPU tensors; the CUDA-graph tests skip there.
 * (slow) The same suite with the emulated kernels built with AddressSanitizer: out-of-bounds
   accesses stop it, a host stand-in for compute-sanitizer's memcheck.
@@ -80,13 +80,15 @@ def test_launch_rewrite_keeps_template_arguments_and_rejects_the_unknown():
 
 
 def _run_cuda_backend_suite(lib: str, env: dict, asan_log: Path | None = None) -> None:
-    """tests/kernels/test_cuda_backend.py and test_nonfinite_inputs.py (less its GPU-only "cuda"
-    cases) in a subprocess on the emulated kernels of ``lib``."""
+    """tests/kernels/test_cuda_backend.py, test_nonfinite_inputs.py (less its GPU-only "cuda"
+    cases) and test_lowp_steps.py's bitwise fp16/bf16 SAM steps (the emulated cases) in a
+    subprocess on the emulated kernels of ``lib``."""
     env = dict(env, SAQ_CUDA_EMU_LIB=lib)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         str(HERE / "test_cuda_backend.py"), str(HERE / "test_nonfinite_inputs.py"),
-                        "-k", "not cuda]"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=1200)
+                        str(HERE / "test_lowp_steps.py"),
+                        "-k", "not cuda] and (not test_lowp_steps or cuda-emu)"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1200)
     report = r.stdout[-6000:] + "\n--- stderr ---\n" + r.stderr[-3000:]
     if asan_log is not None:
         report = asan_reports(asan_log) + report

@@ -1,6 +1,9 @@
-"""The cpp backend's SAM perturb and fused SGD / AdamW steps in fp16 / bf16, over every bit pattern.
+"""The SAM perturb and fused SGD / AdamW steps in fp16 / bf16, over every bit pattern.
 
-The C++ kernels round each term to the parameter dtype (csrc/cpu/kernel_utils.h: inline bf16
+Backends: cpp; triton (under the interpreter here, on a GPU there); the CUDA kernels on the host
+emulation when SAQ_CUDA_EMU_LIB is set (tests/kernels/test_cuda_emulation.py runs this file so).
+Every kernel rounds each term to the parameter dtype, as the reference's torch ops do. The C++
+kernels round each term to the parameter dtype (csrc/cpu/kernel_utils.h: inline bf16
 conversions, since c10's out-of-line ones kept the loop scalar; fp16 tiles through F16C where the
 CPU has it, else c10's conversion, both paths tested). Here each op is recomputed with torch's
 own conversions, ``.to(dtype)`` after each fp32 term, on tensors holding all 65536 patterns
@@ -21,10 +24,34 @@ from bit_utils import as_bits
 import saq_kernels as sk
 
 ROOT = Path(__file__).resolve().parents[2]
-_BACKEND = sk.get_backend("cpp")
-pytestmark = pytest.mark.skipif(_BACKEND.available() is not None, reason=str(_BACKEND.available()))
+_CPP = sk.get_backend("cpp")
+_needs_cpp = pytest.mark.skipif(_CPP.available() is not None, reason=str(_CPP.available()))
+_EMU_LIB = os.environ.get("SAQ_CUDA_EMU_LIB")
 
 LOWP = [torch.float16, torch.bfloat16]
+
+
+def _targets():
+    out = [pytest.param("cpp", marks=_needs_cpp)]
+    reason = sk.get_backend("triton").supports("sam_restore_sgd_", "cpu", torch.float16)
+    out.append(pytest.param("triton", marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
+    if _EMU_LIB:
+        out.append(pytest.param("cuda-emu"))
+    return out
+
+
+TARGETS = _targets()
+
+
+def ops(target):
+    """The target's sam_* implementations, by op name."""
+    if target == "cpp":
+        return lambda name: getattr(torch.ops.saq_C, name)
+    if target == "cuda-emu":
+        torch.ops.load_library(_EMU_LIB)
+        return lambda name: getattr(torch.ops.saq_cuda_emu, name)
+    table = sk.get_backend(target).table()
+    return table.__getitem__
 
 
 def all_patterns(dtype, seed):
@@ -41,7 +68,7 @@ def same(a, b):
 
 
 def emulate_sgd(p, backup, g, buf, lr, momentum, dampening, wd, nesterov, first):
-    """The cpp step's contract, term by term: fp32 math with fp32 scalars (lr as lr.to(dtype)),
+    """The step's contract, term by term: fp32 math with fp32 scalars (lr as lr.to(dtype)),
     each torch op's result rounded to the dtype."""
     dt = p.dtype
     r = lambda t: t.to(dt).float()  # noqa: E731
@@ -72,15 +99,16 @@ SGD_CONFIGS = [  # momentum, dampening, weight decay, nesterov, first step, rest
 @pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=lambda c: "mom{}-damp{}-wd{}-nest{}-first{}-restore{}".format(*c))
 @pytest.mark.parametrize("lr", [0.3, 3e-5, 7.0])
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
-def test_sgd_step_bitwise_over_all_patterns(dtype, lr, cfg):
+@pytest.mark.parametrize("target", TARGETS)
+def test_sgd_step_bitwise_over_all_patterns(target, dtype, lr, cfg):
     momentum, dampening, wd, nesterov, first, restore = cfg
     p, backup, g, buf = (all_patterns(dtype, s) for s in range(4))
     lr_t = torch.tensor(lr)
     want_p, want_buf = emulate_sgd(p, backup if restore else None, g, buf, lr_t, momentum, dampening,
                                    wd, nesterov, first)
     P, Buf = [p.clone()], [buf.clone()]
-    torch.ops.saq_C.sam_restore_sgd_(P, [backup] if restore else [], [g], Buf if momentum else [],
-                                     lr_t, momentum, dampening, wd, nesterov, first, None)
+    ops(target)("sam_restore_sgd_")(P, [backup] if restore else [], [g], Buf if momentum else [],
+                                    lr_t, momentum, dampening, wd, nesterov, first, None)
     ok = same(P[0], want_p)
     assert bool(ok.all()), f"{int((~ok).sum())} params differ, e.g. at {int((~ok).nonzero()[0])}"
     if momentum:
@@ -88,6 +116,7 @@ def test_sgd_step_bitwise_over_all_patterns(dtype, lr, cfg):
         assert bool(ok.all()), f"{int((~ok).sum())} momentum buffers differ"
 
 
+@_needs_cpp
 def test_emulation_would_catch_a_missing_rounding():
     """The comparison can fail: one term left unrounded in the emulation breaks it."""
     p, backup, g = (all_patterns(torch.bfloat16, s) for s in range(3))
@@ -99,7 +128,7 @@ def test_emulation_would_catch_a_missing_rounding():
 
 
 def emulate_adamw(p, backup, g, m, v, lr, beta1, beta2, eps, wd):
-    """The cpp AdamW step's contract at step 1 with betas whose bias corrections are exact in fp32
+    """The AdamW step's contract at step 1 with betas whose bias corrections are exact in fp32
     (powers of two), term by term, each torch op's result rounded to the dtype."""
     dt = p.dtype
     r = lambda t: t.to(dt).float()  # noqa: E731
@@ -119,14 +148,15 @@ def emulate_adamw(p, backup, g, m, v, lr, beta1, beta2, eps, wd):
 @pytest.mark.parametrize("beta1", [0.5, 0.75])  # lerp weight 0.5 and 0.25: both lerp formulas
 @pytest.mark.parametrize("wd,restore", [(0.01, True), (0.0, False)])
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
-def test_adamw_step_bitwise_over_all_patterns(dtype, wd, restore, beta1):
+@pytest.mark.parametrize("target", TARGETS)
+def test_adamw_step_bitwise_over_all_patterns(target, dtype, wd, restore, beta1):
     beta2, eps, lr = 0.75, 1e-3, torch.tensor(3e-3)
     p, backup, g, m, v = (all_patterns(dtype, s) for s in range(5))
     v = v.abs()
     want = emulate_adamw(p, backup if restore else None, g, m, v, lr, beta1, beta2, eps, wd)
     P, M, V, steps = [p.clone()], [m.clone()], [v.clone()], [torch.tensor(0.0)]
-    torch.ops.saq_C.sam_restore_adamw_(P, [backup] if restore else [], [g], M, V, steps, lr, beta1,
-                                       beta2, eps, wd, None)
+    ops(target)("sam_restore_adamw_")(P, [backup] if restore else [], [g], M, V, steps, lr, beta1,
+                                      beta2, eps, wd, None)
     for got, exp, name in zip((P[0], M[0], V[0]), want, ("param", "exp_avg", "exp_avg_sq")):
         ok = same(got, exp)
         assert bool(ok.all()), f"{name}: {int((~ok).sum())} differ, e.g. at {int((~ok).nonzero()[0])}"
@@ -135,7 +165,8 @@ def test_adamw_step_bitwise_over_all_patterns(dtype, wd, restore, beta1):
 
 @pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
-def test_perturb_bitwise_over_all_patterns(dtype, adaptive):
+@pytest.mark.parametrize("target", TARGETS)
+def test_perturb_bitwise_over_all_patterns(target, dtype, adaptive):
     """p += ((p * p) * g) * s (adaptive) or g * s, each product rounded to the dtype; the backup is
     a bit copy."""
     p, g = all_patterns(dtype, 0), all_patterns(dtype, 1)
@@ -145,12 +176,13 @@ def test_perturb_bitwise_over_all_patterns(dtype, adaptive):
     e = r(r(r(p.float() * p.float()) * g.float()) * sv) if adaptive else r(g.float() * sv)
     want = (p.float() + e).to(dtype)
     P, B = [p.clone()], [torch.full_like(p, float("nan"))]
-    torch.ops.saq_C.sam_perturb_(P, [g], B, s, [adaptive])
+    ops(target)("sam_perturb_")(P, [g], B, s, [adaptive])
     assert torch.equal(as_bits(B[0]), as_bits(p))
     ok = same(P[0], want)
     assert bool(ok.all()), f"{int((~ok).sum())} differ"
 
 
+@_needs_cpp
 @pytest.mark.skipif(os.environ.get("SAQ_CPU_NO_F16C") is not None, reason="this is the inner run")
 def test_both_fp16_paths():
     """The fp16 tiles convert with F16C where the CPU has it, else with c10's conversion; run this
@@ -158,7 +190,7 @@ def test_both_fp16_paths():
     SAQ_CPU_NO_F16C=1 (the fallback) in a fresh process."""
     env = dict(os.environ, SAQ_CPU_NO_F16C="1")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          str(Path(__file__).with_name("test_cpp_backend.py")), "-k", "not both_fp16"],
+                          str(Path(__file__).with_name("test_cpp_backend.py")), "-k", "not both_fp16 and not triton"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:]
     assert " passed" in run.stdout and "failed" not in run.stdout
