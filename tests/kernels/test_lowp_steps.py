@@ -37,19 +37,40 @@ def _targets():
     out.append(pytest.param("triton", marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
     if _EMU_LIB:
         out.append(pytest.param("cuda-emu"))
+    # on a GPU: the same bit patterns through the CUDA and Triton kernels on the device
+    out += [pytest.param(t, marks=pytest.mark.gpu) for t in ("cuda", "triton-gpu")]
     return out
 
 
 TARGETS = _targets()
 
 
+def _on_device(fn, device):
+    """fn called on device copies of its tensor arguments, whose values are copied back."""
+    def call(*args):
+        moved = [[t.to(device, copy=True) for t in a] if isinstance(a, list) else
+                 a.to(device, copy=True) if isinstance(a, torch.Tensor) else a for a in args]
+        fn(*moved)
+        for a, m in zip(args, moved):
+            for t, u in (zip(a, m) if isinstance(a, list) else [(a, m)] if isinstance(a, torch.Tensor) else []):
+                t.copy_(u.cpu())
+    return call
+
+
 def ops(target):
-    """The target's sam_* implementations, by op name."""
+    """The target's sam_* implementations, by op name (CPU tensors in and out)."""
     if target == "cpp":
         return lambda name: getattr(torch.ops.saq_C, name)
     if target == "cuda-emu":
         torch.ops.load_library(_EMU_LIB)
         return lambda name: getattr(torch.ops.saq_cuda_emu, name)
+    if target in ("cuda", "triton-gpu"):
+        backend = sk.get_backend("cuda" if target == "cuda" else "triton")
+        reason = backend.supports("sam_restore_sgd_", "cuda", torch.float16)
+        if not torch.cuda.is_available() or reason is not None:
+            pytest.skip(reason or "no CUDA device")
+        table = backend.table()
+        return lambda name: _on_device(table[name], "cuda")
     table = sk.get_backend(target).table()
     return table.__getitem__
 

@@ -28,7 +28,8 @@ def _targets():
     out = []
     for name in ("cpp", "triton", "cuda"):
         device = "cuda" if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else "cpu"
-        out.append(pytest.param(name, device, id=name))
+        marks = [pytest.mark.gpu] if device == "cuda" else []
+        out.append(pytest.param(name, device, id=name, marks=marks))
     if os.environ.get("SAQ_CUDA_EMU_LIB"):
         out.append(pytest.param("cuda-emu", "cpu", id="cuda-emu"))
     return out
