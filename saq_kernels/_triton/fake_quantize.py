@@ -43,7 +43,6 @@ from .utils import (
     round_half_even,
     splat,
     to_dtype,
-    widen,
 )
 
 __all__ = ["fake_quantize", "fake_quantize_backward", "fake_quantize_fwd", "fake_quantize_bwd"]
@@ -143,11 +142,11 @@ def _fake_quantize_bwd_kernel(
         else:
             off = crow * inner + ks[None, :]
         m = cmask[:, None] & kmask[None, :]
-        g = widen(tl.load(g_ptr + off, mask=m, other=0.0))
-        xf = widen(tl.load(x_ptr + off, mask=m, other=0.0))
+        g = load_f32(g_ptr + off, m, 0.0)
+        xf = load_f32(x_ptr + off, m, 0.0)
         if HAS_E:
             if BEFORE:
-                xf = xf + s * widen(tl.load(e_ptr + off, mask=m, other=0.0))
+                xf = xf + s * load_f32(e_ptr + off, m, 0.0)
         x_in = xf
         if RELU:  # the terms of Q(relu(x))
             xf = tl.where(xf < 0.0, 0.0, xf)

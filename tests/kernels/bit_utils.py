@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -23,3 +24,15 @@ def load_script(path: Path) -> ModuleType:
     sys.modules[path.stem] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_pytest(*paths, env=None, k=None, timeout=1200) -> subprocess.CompletedProcess:
+    """pytest -q on ``paths`` in a fresh process from the repository root (a different
+    environment: a sanitizer runtime, an emulated backend, other launch constants)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *map(str, paths)]
+    if k is not None:
+        cmd += ["-k", k]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

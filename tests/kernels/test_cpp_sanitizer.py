@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bit_utils import run_pytest
 from sanitizer import asan_env, asan_reports
 
 HERE = Path(__file__).resolve().parent
@@ -49,9 +50,7 @@ def test_cpp_backend_suites_under_address_sanitizer(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert probe.returncode == 0, _report(probe, tmp_path)
     assert probe.stdout.split()[-2:] == ["None", "jit-address"], probe.stdout + probe.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        *map(str, SUITES)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=1800)
+    r = run_pytest(*SUITES, env=env, timeout=1800)
     assert r.returncode == 0, _report(r, tmp_path)
     assert " passed" in r.stdout and " failed" not in r.stdout, _report(r, tmp_path)
 

@@ -20,11 +20,10 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from bit_utils import load_script
+from bit_utils import load_script, run_pytest
 from sanitizer import asan_env, asan_reports
 
 HERE = Path(__file__).resolve().parent
@@ -84,11 +83,9 @@ def _run_cuda_backend_suite(lib: str, env: dict, asan_log: Path | None = None) -
     cases) and test_lowp_steps.py's bitwise fp16/bf16 SAM steps (the emulated cases) in a
     subprocess on the emulated kernels of ``lib``."""
     env = dict(env, SAQ_CUDA_EMU_LIB=lib)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        str(HERE / "test_cuda_backend.py"), str(HERE / "test_nonfinite_inputs.py"),
-                        str(HERE / "test_lowp_steps.py"),
-                        "-k", "not cuda] and (not test_lowp_steps or cuda-emu)"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=1200)
+    r = run_pytest(HERE / "test_cuda_backend.py", HERE / "test_nonfinite_inputs.py",
+                   HERE / "test_lowp_steps.py", env=env,
+                   k="not cuda] and (not test_lowp_steps or cuda-emu)")
     report = r.stdout[-6000:] + "\n--- stderr ---\n" + r.stderr[-3000:]
     if asan_log is not None:
         report = asan_reports(asan_log) + report

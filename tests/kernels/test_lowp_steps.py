@@ -14,12 +14,11 @@ The slow test checks the bf16 conversions themselves against c10's over all 2^32
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from bit_utils import as_bits
+from bit_utils import as_bits, run_pytest
 
 import saq_kernels as sk
 
@@ -210,9 +209,8 @@ def test_both_fp16_paths():
     file's bitwise tests and the cpp backend's parity tests (quantizers included) again with
     SAQ_CPU_NO_F16C=1 (the fallback) in a fresh process."""
     env = dict(os.environ, SAQ_CPU_NO_F16C="1")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          str(Path(__file__).with_name("test_cpp_backend.py")), "-k", "not both_fp16 and not triton"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    run = run_pytest(__file__, Path(__file__).with_name("test_cpp_backend.py"), env=env,
+                     k="not both_fp16 and not triton", timeout=600)
     assert run.returncode == 0, run.stdout[-3000:]
     assert " passed" in run.stdout and "failed" not in run.stdout
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bit_utils import run_pytest
 from sanitizer import asan_env, asan_reports
 
 HERE = Path(__file__).resolve().parent
@@ -29,9 +30,7 @@ def test_triton_suite_with_nan_filled_allocations(tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.empty(1000).isnan().all().item())"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert probe.stdout.strip() == "True", probe.stdout + probe.stderr[-2000:]  # the fill is on
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        str(HERE / "test_triton_backend.py")], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=1200)
+    r = run_pytest(HERE / "test_triton_backend.py", env=env)
     report = asan_reports(log) + r.stdout[-5000:] + "\n--- stderr ---\n" + r.stderr[-3000:]
     assert r.returncode == 0, report
     assert " passed" in r.stdout and " failed" not in r.stdout, report

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bit_utils import load_script
+from bit_utils import load_script, run_pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEP = ROOT / "benchmarks" / "triton_sweep.py"
@@ -76,8 +76,6 @@ def test_triton_parity_holds_for_other_launch_constants(block, warps, programs):
     num_warps / MAX_PROGRAMS (256x2x128: many programs, reductions that loop over the grid)."""
     env = dict(os.environ, TRITON_INTERPRET="1", SAQ_TRITON_BLOCK=str(block),
                SAQ_TRITON_NUM_WARPS=str(warps), SAQ_TRITON_MAX_PROGRAMS=str(programs))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        str(ROOT / "tests" / "kernels" / "test_triton_backend.py")], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = run_pytest(ROOT / "tests" / "kernels" / "test_triton_backend.py", env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and " failed" not in r.stdout
