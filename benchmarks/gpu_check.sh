@@ -8,8 +8,9 @@
 #   1. facts: GPU, driver, torch / triton / nvcc versions
 #   2. build saq_kernels._C in place (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16); a failure is reported
 #      and the cuda/cpp backends then say why they are unavailable (no JIT rebuild: SAQ_JIT_BUILD=0)
-#   3. GPU tests: pytest -m "gpu and not slow" tests/kernels tests/training; then compute-sanitizer
-#      memcheck of the CUDA kernels on a small case (tests/kernels/test_cuda_memcheck.py)
+#   3. GPU tests: pytest -m "gpu and not slow" tests/kernels tests/training, in parallel shards
+#      (nproc/2, at most 8: tests/conftest.py's --shard I/K); then compute-sanitizer memcheck of the
+#      CUDA kernels on a small case (tests/kernels/test_cuda_memcheck.py)
 #   4. GPU benchmarks, SAQ_BENCH_MODE=short, one pytest per suite with its own time budget
 #      (the harness skips the remaining cases when the budget is spent; the CSV is written as it goes)
 #   4b. the Triton launch-constant sweep (benchmarks/triton_sweep.py: BLOCK x num_warps, fp32 at
@@ -23,9 +24,11 @@
 # The compact table is printed last.
 #
 # Environment: PYTHON (default python3), SAQ_CHECK_BUDGET (s), SAQ_CHECK_SKIP_BUILD=1,
-# SAQ_CHECK_SKIP_TESTS=1, SAQ_BENCH_MODE (default short), SAQ_CHECK_SUITES (default
-# "fake_quantize:30 liq_quantize:20 sam:15 train_step:35": suites and their shares of the benchmark
-# time; the train step runs ResNet-18 at batch 256 in bf16 first, the targets' shape), and every SAQ_BENCH_* knob of benchmarks/README.md.
+# SAQ_CHECK_SKIP_TESTS=1, SAQ_CHECK_SHARDS (parallel test processes), SAQ_CHECK_TEST_MARK and
+# SAQ_CHECK_TEST_PATHS (the test selection; for a dry run on a CPU), SAQ_BENCH_MODE (default
+# short), SAQ_CHECK_SUITES (default "fake_quantize:30 liq_quantize:20 sam:15 train_step:35":
+# suites and their shares of the benchmark time; the train step runs ResNet-18 at batch 256 in
+# bf16 first, the targets' shape), and every SAQ_BENCH_* knob of benchmarks/README.md.
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -95,23 +98,50 @@ if [ "${SAQ_CHECK_SKIP_TESTS:-0}" = 1 ]; then
 elif [ ! -d tests/kernels ]; then
   say "tests: SKIPPED: no tests/kernels"
 else
-  T=$(cap 150 180)  # ~500 gpu tests, many of them compiling a Triton variant first
-  say "tests: pytest -m 'gpu and not slow' tests/kernels tests/training (timeout ${T}s)"
-  timeout -s INT -k 10 "$T" "$PY" -m pytest -m "gpu and not slow" tests/kernels tests/training -q -rfEs \
-    -p no:cacheprovider >"$WORK/tests.log" 2>&1
-  rc=$?
+  # ~800 GPU tests, many compiling a Triton variant first: K pytest processes side by side (the
+  # conftest's --shard I/K), so that compilation uses the machine's cores
+  MARK=${SAQ_CHECK_TEST_MARK:-gpu and not slow}
+  TPATHS=${SAQ_CHECK_TEST_PATHS:-tests/kernels tests/training}
+  NCPU=$(nproc 2>/dev/null || echo 2)
+  K=${SAQ_CHECK_SHARDS:-$(( NCPU / 2 > 8 ? 8 : (NCPU / 2 < 1 ? 1 : NCPU / 2) ))}
+  T=$(cap 150 180)
+  say "tests: pytest -m '$MARK' $TPATHS in $K parallel shards (timeout ${T}s)"
+  pids=()
+  for ((i = 0; i < K; i++)); do
+    # shellcheck disable=SC2086  # TPATHS is a list of paths
+    OMP_NUM_THREADS=$(( NCPU / K > 1 ? NCPU / K : 1 )) timeout -s INT -k 10 "$T" \
+      "$PY" -m pytest -m "$MARK" $TPATHS -q -rfEs -p no:cacheprovider --shard "$i/$K" \
+      >"$WORK/tests.$i.log" 2>&1 &
+    pids+=($!)
+  done
+  # rc: a timeout in any shard wins, then a failure, then 0; 5 (nothing selected) only if every shard
+  rc=5
+  for ((i = 0; i < K; i++)); do
+    wait "${pids[$i]}"; r=$?
+    { echo "---- shard $i/$K: rc=$r"; cat "$WORK/tests.$i.log"; } >>"$WORK/tests.log"
+    case $r in
+      124|130) rc=124 ;;
+      5) ;;
+      0) [ "$rc" = 5 ] && rc=0 ;;
+      *) [ "$rc" != 124 ] && rc=$r ;;
+    esac
+  done
+  # the shards' summary lines added up: "N passed, M failed, ..."
+  SUMMARY=$(for ((i = 0; i < K; i++)); do tail -1 "$WORK/tests.$i.log"; done \
+    | grep -oE "[0-9]+ (passed|failed|skipped|errors?|xfailed|xpassed)" \
+    | awk '{n[$2] += $1} END {for (w in n) printf "%d %s, ", n[w], w}' | sed 's/, $//')
   cat "$WORK/tests.log" >>"$LOG"
   grep -E "^(FAILED|ERROR)" "$WORK/tests.log" | head -15
   case $rc in
-    0) say "tests: ok: $(tail -1 "$WORK/tests.log")" ;;
+    0) say "tests: ok: $SUMMARY" ;;
     5) say "tests: no test carries the gpu marker" ;;
-    124|130) say "tests: TIMEOUT after ${T}s: $(tail -1 "$WORK/tests.log")" ;;
-    *) say "tests: FAILED rc=$rc: $(tail -1 "$WORK/tests.log")" ;;
+    124) say "tests: TIMEOUT after ${T}s (a shard did not finish): $SUMMARY" ;;
+    *) say "tests: FAILED rc=$rc: $SUMMARY" ;;
   esac
   # A backend with a failing GPU test (named in the failure's id), or both after a timeout, is
   # left out of the proposed default order (step 5): unverified kernels never become a default.
   for b in triton cuda; do
-    if [ "$rc" = 124 ] || [ "$rc" = 130 ] || grep -qiE "^(FAILED|ERROR).*$b" "$WORK/tests.log"; then
+    if [ "$rc" = 124 ] || grep -qiE "^(FAILED|ERROR).*$b" "$WORK/tests.log"; then
       EXCLUDE="${EXCLUDE:-} --exclude $b"
     fi
   done

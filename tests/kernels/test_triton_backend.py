@@ -32,6 +32,11 @@ from saq_kernels import reference as R  # noqa: E402
 from saq_kernels.backends import get_backend  # noqa: E402
 
 DEV = "cuda" if _CUDA else "cpu"
+# On a GPU this module is the Triton backend's GPU parity suite: marked gpu, so that the GPU check
+# (benchmarks/gpu_check.sh: pytest -m "gpu and not slow") runs it; under the interpreter it is part
+# of the default CPU run.
+if _CUDA:
+    pytestmark = pytest.mark.gpu
 _BACKEND = get_backend("triton")
 _REASON = _BACKEND.available() or _BACKEND.supports("fake_quantize", DEV, torch.float32)
 if _REASON is not None:
