@@ -105,7 +105,8 @@ def fake_quantize(
     (Cases 1/3) or ``Q(x + s*e)`` (Case 2, ``perturb_before``).
 
     Shapes: x any; scale and zero_point ``[1]``/``[]`` or ``[C]`` with ``C = x.shape[axis]``.
-    Returns a new tensor of x's shape and dtype. ``grad_factor`` only scales the backward.
+    Returns a new contiguous tensor of x's shape and dtype. ``grad_factor`` only scales the
+    backward.
     ``relu`` (never with a perturbation): ``Q(relu(x))``.
     """
     xf = _perturbed_input(x, perturbation, perturb_scale, perturb_before)
@@ -113,7 +114,8 @@ def fake_quantize(
         xf = torch.relu(xf)
     s, zp, _, xq = _fq_codes(xf, scale, zero_point, quant_min, quant_max, axis)
     y = (torch.clamp(xq, quant_min, quant_max) - zp) * s
-    return _add_after(y, perturbation, perturb_scale, perturb_before).to(x.dtype)
+    # contiguous whatever x's layout, as every backend and the op's fake (torch.compile) say
+    return _add_after(y, perturbation, perturb_scale, perturb_before).to(x.dtype).contiguous()
 
 
 def fake_quantize_backward(
@@ -157,7 +159,7 @@ def fake_quantize_backward(
     ds = torch.where(inside, ds_in, ds_out) * grad_factor
     dz = torch.where(inside, torch.zeros_like(g), -g * s * grad_factor)
     return (
-        dx.to(x.dtype),
+        dx.to(x.dtype).contiguous(),
         _sum_like(ds, scale, x, axis).to(_cdt(x)),
         _sum_like(dz, zero_point, x, axis).to(_cdt(x)),
     )
@@ -182,16 +184,18 @@ def _liq_forward_fp32(xs: Tensor, c: Tensor, bits: int, signed: bool) -> Tuple[T
     bit on every device; on the CPU the reference code's true division can differ by one ulp.
     """
     n = float(2**bits - 1)
+    # a 0-dim CPU tensor, used as is: ATen takes it as a scalar on any device (no host-to-device
+    # copy, which on a GPU would block the host and is not allowed inside a CUDA-graph capture)
     inv_n = torch.tensor(1.0, dtype=xs.dtype) / torch.tensor(n, dtype=xs.dtype)
     r = xs / c
     if signed:
         t = torch.clamp(r, -1.0, 1.0)
         v = (t + 1.0) / 2.0
-        u = torch.round(v * n) * inv_n.to(xs.device)
+        u = torch.round(v * n) * inv_n
         y = (u * 2.0 - 1.0) * c
     else:
         t = torch.clamp(r, 0.0, 1.0)
-        u = torch.round(t * n) * inv_n.to(xs.device)
+        u = torch.round(t * n) * inv_n
         y = u * c
     return y, r
 
@@ -218,7 +222,7 @@ def liq_quantize(
         xf, _ = _standardize(xf)
     c = clip.to(xf.dtype).abs().reshape(())
     y, _ = _liq_forward_fp32(xf, c, bits, signed)
-    return _add_after(y, perturbation, perturb_scale, perturb_before).to(x.dtype)
+    return _add_after(y, perturbation, perturb_scale, perturb_before).to(x.dtype).contiguous()
 
 
 def liq_quantize_backward(
@@ -239,7 +243,8 @@ def liq_quantize_backward(
     unsigned; with ``relu``, unsigned only, ``x > 0 and r <= 1``: the quantizer absorbs a ReLU
     applied before it, ``Q(relu(x)) = Q(x)``, and ``relu'(x) = (x > 0)``); ``dx = g * inside`` (``/ std`` when standardized, statistics being constants);
     ``dclip = sum(g * (y/c - r * inside)) * sign(clip)`` where y is the unperturbed quantizer output
-    (``+-1`` per element outside the range). Returns ``(dx [x.dtype], dclip [fp32, clip's shape])``.
+    (``+-1`` per element outside the range). Returns ``(dx [x.dtype, contiguous], dclip [fp32, or
+    fp64 for fp64 x; clip's shape])``.
     """
     xf = _perturbed_input(x, perturbation, perturb_scale, perturb_before)
     std = None
@@ -255,7 +260,7 @@ def liq_quantize_backward(
         dx = dx / std
     local = y / c - torch.where(inside, r, torch.zeros_like(r))
     dclip = (g * local).sum() * torch.sign(clip.to(xf.dtype).reshape(()))
-    return dx.to(x.dtype), dclip.reshape(clip.shape)
+    return dx.to(x.dtype).contiguous(), dclip.reshape(clip.shape)
 
 
 # ----------------------------------------------------------------------------------------------

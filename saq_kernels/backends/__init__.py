@@ -6,8 +6,11 @@ taking the op's positional arguments (see saq_kernels/OPS.md). Capabilities are 
 sentences: the same string is the error message and the pytest skip reason.
 
 Selection, per call:
-1. an explicit choice: the innermost ``use_backend(name)`` context, else the ``SAQ_BACKEND``
-   environment variable. It must be available and support the input, or the call raises with the
+1. an explicit choice: the innermost ``use_backend(name)`` block of the calling thread; in a
+   thread with no block of its own, the most recently entered block still open in any thread
+   (PyTorch runs the backward pass of CUDA tensors on its own per-device thread, which must see
+   the block its caller's ``loss.backward()`` runs in); else the ``SAQ_BACKEND`` environment
+   variable. It must be available and support the input, or the call raises with the
    reason (no silent fallback: a user who asked for "triton" must not get the reference).
 2. otherwise the first backend that is available and supports it, in the order measured for this
    device type, op and dtype (measured_order.py, written by benchmarks/choose_defaults.py from the
@@ -121,7 +124,11 @@ _DEFAULT_ORDER: Dict[str, List[str]] = {
 _USER_ORDER: set = set()
 # (device type, op, dtype) -> effective order; cleared by set_default_order
 _ORDER_CACHE: Dict[tuple, List[str]] = {}
-_LOCAL = threading.local()
+_LOCAL = threading.local()  # .stack: this thread's open use_backend blocks, innermost last
+# every open use_backend block of every thread, as (token, name), most recently entered last:
+# what a thread without blocks of its own (autograd's backward threads) follows
+_OPEN: List[tuple] = []
+_OPEN_LOCK = threading.Lock()
 
 
 _DTYPE_KEYS = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
@@ -183,6 +190,11 @@ def _explicit() -> Optional[str]:
     stack = getattr(_LOCAL, "stack", None)
     if stack:
         return stack[-1]
+    if _OPEN:  # a thread with no block of its own, e.g. the autograd engine's CUDA backward thread
+        try:
+            return _OPEN[-1][1]
+        except IndexError:  # the last block closed in between
+            pass
     env = os.environ.get("SAQ_BACKEND", "").strip()
     return env or None
 
@@ -193,6 +205,12 @@ def use_backend(name: str) -> Iterator[Backend]:
 
     Raises ValueError for an unknown name and RuntimeError with the reason when the backend is
     unavailable here, so a typo or a missing build never silently falls back to another path.
+
+    The block applies to the calling thread, and to threads that have no block of their own while
+    it is open -- in particular the autograd engine's backward thread for CUDA tensors, so that
+    ``loss.backward()`` inside the block runs the backward ops on ``name`` too. (Two threads with
+    blocks of their own each keep their own choice; their backward passes on the GPU follow the
+    block entered last.)
     """
     backend = get_backend(name)
     reason = backend.available()
@@ -201,11 +219,16 @@ def use_backend(name: str) -> Iterator[Backend]:
     stack = getattr(_LOCAL, "stack", None)
     if stack is None:
         stack = _LOCAL.stack = []
+    token = object()
     stack.append(name)
+    with _OPEN_LOCK:
+        _OPEN.append((token, name))
     try:
         yield backend
     finally:
         stack.pop()
+        with _OPEN_LOCK:
+            _OPEN[:] = [t for t in _OPEN if t[0] is not token]
 
 
 def _serving(op: str, device_type: str, dtype) -> List[str]:

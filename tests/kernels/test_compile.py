@@ -1,6 +1,15 @@
-"""torch.compile(fullgraph=True) traces through the saq ops (every op has a fake) and matches eager."""
+"""torch.compile(fullgraph=True) traces through the saq ops (every op has a fake) and matches eager.
+
+Inductor's on-disk caches are off here: their keys do not cover the ops' Python fakes, so a graph
+compiled under an earlier version of a fake would be reused and hide a change to it."""
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True)
+def _no_inductor_caches():
+    with torch._inductor.config.patch(force_disable_caches=True):
+        yield
 
 from saq.nn import QLinear
 
@@ -37,3 +46,63 @@ def test_compiled_functional_op_with_perturbation():
     w, e = torch.randn(8, 3, 3, 3), torch.randn(8, 3, 3, 3)
     clip, s = torch.tensor([1.0]), torch.tensor(0.05)
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(w, clip, e, s), f(w, clip, e, s))
+
+
+def _quantizers(sk, dtype):
+    """(name, fn(x, p), params): both quantizers, per tensor; params require grad."""
+    scale = torch.tensor([0.1], dtype=dtype, requires_grad=True)
+    zp = torch.tensor([0.0], dtype=dtype, requires_grad=True)
+    clip = torch.tensor([1.5], dtype=dtype, requires_grad=True)
+    return [
+        ("fake_quantize", lambda x: sk.fake_quantize(x, scale, zp, -8, 7), (scale, zp)),
+        ("liq_quantize", lambda x: sk.liq_quantize(x, clip, 4, True, True), (clip,)),
+    ]
+
+
+def _eager_and_compiled(fn, x, params):
+    out = []
+    for f in (fn, torch.compile(fn, fullgraph=True, backend="inductor")):
+        xx = x.detach().clone().requires_grad_()
+        for p in params:
+            p.grad = None
+        y = f(xx)
+        (y * torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape)).sum().backward()
+        out.append((y.detach(), xx.grad, [p.grad.clone() for p in params]))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_compiled_quantizers_on_non_contiguous_inputs(backend, layout):
+    # every backend returns contiguous outputs and the fakes say so; a backend that kept the
+    # input's layout (the reference did) fails inductor's stride assertion
+    import saq_kernels as sk
+
+    if sk.get_backend(backend).available() is not None:
+        pytest.skip(f"{backend} unavailable")
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 5)
+    x = x.to(memory_format=torch.channels_last) if layout == "channels_last" else x.transpose(1, 3)
+    with sk.use_backend(backend):
+        for name, fn, params in _quantizers(sk, torch.float32):
+            (y0, dx0, g0), (y1, dx1, g1) = _eager_and_compiled(fn, x, params)
+            assert y0.is_contiguous() and torch.equal(y1, y0), name
+            assert torch.equal(dx1, dx0), name
+            for a, b in zip(g1, g0):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_fp64_parameter_gradients():
+    # fp64 inputs go to the reference, whose scale / clip gradients are fp64: the backward fakes
+    # must say fp64 too (they said fp32, and the compiled gradients came out as garbage)
+    import saq_kernels as sk
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 9, dtype=torch.float64)
+    for name, fn, params in _quantizers(sk, torch.float64):
+        (y0, dx0, g0), (y1, dx1, g1) = _eager_and_compiled(fn, x, params)
+        torch.testing.assert_close(y1, y0)
+        torch.testing.assert_close(dx1, dx0)
+        for a, b in zip(g1, g0):
+            assert a.dtype == b.dtype == torch.float64, name
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -164,6 +164,21 @@ def test_no_grad_and_frozen_inputs(device):
     assert dclip.shape == clip.shape and torch.isfinite(dclip).all()
 
 
+def test_inference_mode(device):
+    # under torch.inference_mode() the Autograd key is skipped, where the C++ op lives: the call
+    # goes to the custom op instead, with the same kernels and the same values as under no_grad
+    x = _rand((6, 10), torch.float32, device, 5)
+    clip = torch.tensor([1.0], device=device)
+    scale, zp = torch.full((10,), 0.05, device=device), torch.zeros(10, device=device)
+    with torch.no_grad():
+        want = (sk.liq_quantize(x, clip, 4, True, True), sk.fake_quantize(x, scale, zp, -8, 7, 1))
+    with torch.inference_mode():
+        got = (sk.liq_quantize(x, clip, 4, True, True), sk.fake_quantize(x, scale, zp, -8, 7, 1))
+        assert torch.is_inference(got[0])
+    for a, b in zip(got, want):
+        _assert_bitwise(a, b, "inference_mode")
+
+
 def test_inplace_change_after_forward_is_caught(device):
     x = _rand((8, 8), torch.float32, device, 6).requires_grad_()
     w = x * 1.0

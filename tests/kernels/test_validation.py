@@ -66,6 +66,15 @@ def test_mismatched_devices():
     ps = [torch.zeros(3)]
     with pytest.raises(ValueError, match="'scale' is on meta"):
         sk.sam_perturb_(ps, [torch.ones(3)], [torch.empty(3)], torch.tensor(1.0, device="meta"))
+    # found_inf on another device than the parameters: refused by name before anything changes
+    # (for CUDA parameters a CPU flag would be a blocking copy per step)
+    g, b, lr, bad = [torch.ones(3)], [torch.full((3,), 2.0)], torch.tensor(0.1), torch.zeros((), device="meta")
+    with pytest.raises(ValueError, match="'found_inf' is on meta but the data is on cpu"):
+        sk.sam_restore_sgd_(ps, b, g, [torch.zeros(3)], lr, found_inf=bad)
+    with pytest.raises(ValueError, match="'found_inf' is on meta but the data is on cpu"):
+        sk.sam_restore_adamw_(ps, b, g, [torch.zeros(3)], [torch.zeros(3)], [torch.zeros(())], lr,
+                              found_inf=bad)
+    assert torch.equal(ps[0], torch.zeros(3))
 
 
 def test_perturbation_arguments():

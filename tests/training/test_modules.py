@@ -53,6 +53,21 @@ def test_every_quantizer_trains_one_step(quantizer):
         assert grads["3.activation_clip_value"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("quantizer", ["liq", "lsq", "lsq+", "pact", "dorefa"])
+def test_eval_under_inference_mode(quantizer):
+    # a trained-then-evaluated quantized model under torch.inference_mode() (the native C++
+    # autograd path cannot serve it: it must fall back, with the values of no_grad)
+    m = saq.quantize_model(small_cnn(), 4, 4, quantizer=quantizer)
+    x = torch.randn(4, 3, 8, 8)
+    m(x).sum().backward()  # first-batch initialization of the quantizer parameters
+    m.eval()
+    with torch.no_grad():
+        want = m(x)
+    with torch.inference_mode():
+        got = m(x)
+    assert torch.equal(got, want)
+
+
 def test_per_channel_lsq_and_refusal_for_liq():
     m = saq.quantize_model(small_cnn(), 4, 4, quantizer="lsq", per_channel=True)
     assert m[3].weight_scale.shape == (8,)
