@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from result_files import result_files  # noqa: E402
 ROOT = HERE.parent
 MODULE = ROOT / "saq_kernels" / "backends" / "measured_order.py"
 
@@ -163,13 +165,15 @@ from typing import Dict, List
 '''
 
 
-def load_existing(path: Path = MODULE) -> Tuple[dict, dict, Dict[str, str]]:
-    """(MEASURED_ORDER, EVIDENCE, SOURCES) of the generated module at ``path``, or empty dicts."""
+def load_existing(path: Path = MODULE) -> Tuple[dict, dict, Dict[str, str], Dict[str, List[str]]]:
+    """(MEASURED_ORDER, EVIDENCE, SOURCES, EXCLUDED) of the generated module at ``path``, or empty
+    dicts."""
     if not path.exists():
-        return {}, {}, {}
+        return {}, {}, {}, {}
     ns: dict = {}
     exec(compile(path.read_text(), str(path), "exec"), ns)  # our own generated file
-    return ns.get("MEASURED_ORDER", {}), ns.get("EVIDENCE", {}), ns.get("SOURCES", {})
+    return (ns.get("MEASURED_ORDER", {}), ns.get("EVIDENCE", {}), ns.get("SOURCES", {}),
+            ns.get("EXCLUDED", {}))
 
 
 def _nested(name: str, doc: str, table: Dict[str, Dict[str, Dict[str, object]]], kind: str) -> List[str]:
@@ -184,10 +188,16 @@ def _nested(name: str, doc: str, table: Dict[str, Dict[str, Dict[str, object]]],
     return lines + ["}", ""]
 
 
-def render(orders: dict, evidence: dict, sources: Dict[str, str]) -> str:
+def render(orders: dict, evidence: dict, sources: Dict[str, str],
+           excluded: Optional[Dict[str, List[str]]] = None) -> str:
     lines = [HEADER, "#: device type -> the result files its orders were chosen from",
              "SOURCES: Dict[str, str] = {"]
     lines += [f"    {dev!r}: {src!r}," for dev, src in sorted(sources.items())]
+    lines += ["}", ""]
+    lines += ["#: device type -> backends left out of its orders (--exclude: their tests had failed",
+              "#: on that run), so that the orders can be derived again from the same files",
+              "EXCLUDED: Dict[str, List[str]] = {"]
+    lines += [f"    {dev!r}: {sorted(b)!r}," for dev, b in sorted((excluded or {}).items()) if b]
     lines += ["}", ""]
     lines += _nested("MEASURED_ORDER", "device type -> op -> dtype -> backend names, fastest first",
                      orders, "Dict[str, Dict[str, Dict[str, List[str]]]]")
@@ -209,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--module", type=Path, default=MODULE, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    paths = args.csv or sorted((HERE / "results").glob("*.csv"))
+    paths = args.csv or result_files()
     if not paths:
         print("choose_defaults: no result files (run the benchmarks first)", file=sys.stderr)
         return 2
@@ -221,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for p in paths:
         by_dev.setdefault(args.device_type or device_type_of(p), []).append(p)
 
-    orders, evidence, sources = load_existing(args.module)
+    orders, evidence, sources, excluded = load_existing(args.module)
     for dev, files in sorted(by_dev.items()):
         chosen = choose(read_rows(files), args.exclude, args.tie)
         if not chosen:
@@ -240,8 +250,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 ratios = ", ".join(f"{b} {rk.geo[b]:.2f}" for b in rk.order)
                 print(f"| {op} | {dt} | {' > '.join(rk.order)} | {ratios} | {len(rk.shapes)} | {split} |")
         sources[dev] = ", ".join(_rel(p) for p in files)
+        excluded[dev] = sorted(set(args.exclude))
     if args.write:
-        args.module.write_text(render(orders, evidence, sources))
+        args.module.write_text(render(orders, evidence, sources, excluded))
         print(f"wrote {args.module}")
     return 0
 

@@ -21,6 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from report import DTYPE_ORDER, QUANT_OPS, SAM_OPS, provider_rank  # noqa: E402
+from result_files import result_files  # noqa: E402
 
 
 def _f(v):
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = args.csv or sorted((HERE / "results").glob("*.csv"))
+    paths = args.csv or result_files()
     args.out.mkdir(parents=True, exist_ok=True)
     n = 0
     for path in paths:

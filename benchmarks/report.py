@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Dict, List
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from result_files import result_files  # noqa: E402
 QUANT_OPS = ("fake_quantize", "liq_quantize")
 SAM_OPS = ("grad_sq_norm", "sam_perturb_", "sam_restore_", "sam_restore_sgd_", "sam_restore_adamw_")
 MODES = ("fwd", "bwd", "fwd+bwd", "fwd+e")
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", nargs="*", default=[],
                     help="subset: fake_quantize liq_quantize sam train_step")
     args = ap.parse_args(argv)
-    paths = args.csv or sorted((HERE / "results").glob("*.csv"))
+    paths = args.csv or result_files()
     if not paths:
         print("no results: run `pytest benchmarks` first", file=sys.stderr)
         return 1

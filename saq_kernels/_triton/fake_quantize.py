@@ -110,9 +110,11 @@ def _fake_quantize_bwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, RELU: tl.constexpr = False,
 ):
     # x viewed as [outer, C, inner]; k runs over the outer*inner elements of one channel.
-    pid_k = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    nprog = tl.num_programs(0)
+    # Channel tiles on grid axis 0 (up to 2^31 - 1 programs: a weight may have more than 65535
+    # output channels), k programs on axis 1 (at most 65535, see _bwd_grid).
+    pid_c = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    nprog = tl.num_programs(1)
     cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
     scale = tl.load(scale_ptr + cs, mask=cmask, other=1.0)
@@ -201,6 +203,23 @@ def _bwd_tile(C: int, inner: int, K: int) -> Tuple[int, int]:
     return bc, min(next_pow2(K), max(1, BLOCK // bc))
 
 
+GRID_Y_MAX = 65535  # CUDA's limit on the second grid dimension
+
+
+def _bwd_grid(C: int, inner: int, K: int) -> Tuple[Tuple[int, int], int, int, int]:
+    """((channel tiles, k programs), BLOCK_C, BLOCK_K, tiles per k program) of the backward.
+
+    The k programs of one channel tile share its K elements (a grid-stride loop of n_iter tiles
+    each); their count is capped so that all of them hold at most MAX_PROGRAMS partial sums per
+    channel and fits CUDA's second grid dimension.
+    """
+    bc, bk = _bwd_tile(C, inner, K)
+    n_c = cdiv(C, bc)
+    tiles = cdiv(K, bk)
+    grid_k = max(1, min(tiles, MAX_PROGRAMS // n_c, GRID_Y_MAX))
+    return (n_c, grid_k), bc, bk, cdiv(tiles, grid_k)
+
+
 def _prepare(x, scale, zero_point, perturbation, perturb_scale):
     xc = x.contiguous()
     e = perturbation.contiguous() if perturbation is not None else xc
@@ -264,14 +283,11 @@ def fake_quantize_bwd(
     if xc.numel() == 0:
         z = torch.zeros(C, dtype=torch.float32, device=x.device)
         return dx, z.reshape(scale.shape), z.clone().reshape(zero_point.shape)
-    bc, bk = _bwd_tile(C, inner, K)
-    n_c = cdiv(C, bc)
-    tiles = cdiv(K, bk)
-    grid_k = min(tiles, max(1, MAX_PROGRAMS // n_c))
-    part = torch.empty((2, grid_k, C), dtype=torch.float32, device=x.device)
-    _fake_quantize_bwd_kernel[(grid_k, n_c)](
+    grid, bc, bk, n_iter = _bwd_grid(C, inner, K)
+    part = torch.empty((2, grid[1], C), dtype=torch.float32, device=x.device)
+    _fake_quantize_bwd_kernel[grid](
         gc, xc, e, s, sc, zp, dx, part,
-        K, C, inner, cdiv(tiles, grid_k), float(quant_min), float(quant_max), float(grad_factor),
+        K, C, inner, n_iter, float(quant_min), float(quant_max), float(grad_factor),
         OUTER=outer > 1, HAS_E=perturbation is not None, BEFORE=bool(perturb_before),
         IDX64=needs_int64(xc.numel()), BLOCK_C=bc, BLOCK_K=bk, RELU=bool(relu),
         **launch_options(),

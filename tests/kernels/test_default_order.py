@@ -108,16 +108,21 @@ def test_write_round_trip_keeps_other_device_types(tmp_path):
             w.writerows(rows)
     assert cd.main([str(cpu), "--write", "--module", str(module)]) == 0
     assert cd.main([str(gpu), "--write", "--module", str(module)]) == 0
-    orders, evidence, sources = cd.load_existing(module)
+    orders, evidence, sources, excluded = cd.load_existing(module)
     assert orders["cpu"]["fake_quantize"]["fp32"] == ["cpp", "reference"]
     assert orders["cuda"]["fake_quantize_backward"]["fp32"] == ["triton", "cuda"]
     assert "cuda 2.00" in evidence["cuda"]["fake_quantize"]["fp32"]
     assert set(sources) == {"cpu", "cuda"}
-    # a rewrite with a backend excluded replaces that device type's entries only
+    assert not any(excluded.values())
+    # a rewrite with a backend excluded replaces that device type's entries only, and records
+    # the exclusion, so the orders can be derived again from the same file
     assert cd.main([str(gpu), "--exclude", "triton", "--write", "--module", str(module)]) == 0
-    orders2, _, _ = cd.load_existing(module)
+    orders2, _, _, excluded2 = cd.load_existing(module)
     assert orders2["cuda"]["fake_quantize"]["fp32"] == ["cuda"]
     assert orders2["cpu"] == orders["cpu"]
+    assert excluded2.get("cuda") == ["triton"] and not excluded2.get("cpu")
+    rederived = cd.choose(cd.read_rows([gpu]), excluded2["cuda"])
+    assert {op: {dt: rk.order for dt, rk in per.items()} for op, per in rederived.items()} == orders2["cuda"]
 
 
 def test_missing_file_is_an_error(tmp_path, capsys):
@@ -133,7 +138,7 @@ def test_committed_orders_match_the_committed_results():
     for dev, src in measured_order.SOURCES.items():
         paths = [ROOT / p.strip() for p in src.split(",")]
         assert all(p.exists() for p in paths), f"{dev}: {src} is not in the repository"
-        chosen = cd.choose(cd.read_rows(paths))
+        chosen = cd.choose(cd.read_rows(paths), getattr(measured_order, "EXCLUDED", {}).get(dev, []))
         got = {op: {dt: rk.order for dt, rk in per.items()} for op, per in chosen.items()}
         assert got == measured_order.MEASURED_ORDER[dev], (
             f"{dev}: rerun python benchmarks/choose_defaults.py {src} --write")

@@ -366,6 +366,37 @@ def test_liq_maps_levels_with_the_fp32_reciprocal():
         assert torch.equal(_on("triton", sk.liq_quantize, x, clip, 4, signed, False), expect)
 
 
+@pytest.mark.parametrize("C,inner,outer", [
+    (1, 1 << 31, 1),            # per tensor, 2^31 elements
+    (200_000, 4096, 1),         # an LM head: more output channels than a grid's second axis holds
+    (131_071, 64, 1), (70_000, 1, 4096), (3, 7, 5), (65_536, 1024, 2),
+])
+def test_backward_grid_fits_cuda_limits(C, inner, outer):
+    # the per-channel backward's launch grid: channel tiles on axis 0 (< 2^31), k programs on
+    # axis 1 (<= 65535), and together they cover every channel and every element of each
+    from saq_kernels._triton import fake_quantize as tfq
+
+    K = outer * inner
+    (n_c, grid_k), bc, bk, n_iter = tfq._bwd_grid(C, inner, K)
+    assert 1 <= grid_k <= 65535 and 1 <= n_c < 2**31
+    assert n_c * bc >= C and (n_c - 1) * bc < C
+    assert grid_k * n_iter * bk >= K
+    assert bc * bk <= tfq.BLOCK
+
+
+@pytest.mark.skipif(not _CUDA, reason="70,000 x 1024 elements: too many for the interpreter")
+def test_backward_with_more_channels_than_grid_axis_1():
+    # 70,000 channels of 1024 elements: one channel per tile, 70,000 channel tiles (> 65535)
+    x = _rand((70_000, 1024), torch.float32, seed=3)
+    scale = torch.rand(70_000, device=DEV) * 0.1 + 0.01
+    zp = torch.zeros(70_000, device=DEV)
+    args = (torch.randn_like(x), x, scale, zp, -8, 7, 0, 1.0, None, None, False)
+    (dx, ds, dz), (rdx, rds, rdz) = _both(torch.ops.saq.fake_quantize_backward, *args)
+    assert torch.equal(dx, rdx)
+    torch.testing.assert_close(ds, rds, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(dz, rdz, rtol=1e-4, atol=1e-3)
+
+
 def test_int64_indexing_path(monkeypatch):
     # tensors of 2^31+ elements index in int64; force that code path on small inputs
     from saq_kernels._triton import fake_quantize as tfq

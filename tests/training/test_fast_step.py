@@ -251,13 +251,15 @@ def test_fused_path_matches_reference_path_on_gpu(backend, case, adaptive):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["reference"] + [b for b in _gpu_backends() if b != "cuda-unavailable"])
 def test_full_saq_step_captures_in_a_cuda_graph(backend):
-    with sk.use_backend(backend):
-        _capture_and_compare()
-
-
-def _capture_and_compare():
+    # the model is built (and its clips initialized) on the CPU first, outside the block: a
+    # requested backend refuses inputs it cannot serve, and triton / cuda serve CUDA tensors only
     x, y = (t.cuda() for t in batches(1)[0])
     m = make_model().cuda()
+    with sk.use_backend(backend):
+        _capture_and_compare(m, x, y)
+
+
+def _capture_and_compare(m, x, y):
     twin = copy.deepcopy(m)
     opt, otwin = saq.SAQ(m, sgd(m), rho=0.1), saq.SAQ(twin, sgd(twin), rho=0.1)
 
