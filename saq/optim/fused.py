@@ -47,7 +47,11 @@ class FusedStep:
         t = self._lr.get(key)
         if t is None:
             t = self._lr[key] = torch.empty((), dtype=dt, device=like.device)
-        t.fill_(lr)  # a kernel with a scalar argument: no host-to-device copy, no sync
+        # a float lr: a kernel with a scalar argument (no host-to-device copy, no sync), whose
+        # value a captured CUDA graph then keeps; a 0-dim tensor lr on the same device
+        # (torch.optim's capturable style, updated in place by LR schedulers): a device copy,
+        # so each graph replay reads its current value
+        t.fill_(lr)
         return t
 
     @torch.no_grad()

@@ -320,3 +320,31 @@ def test_compiled_whole_training_step_breaks_only_outside_our_ops():
         step(a, oa)
     for (n, p), q in zip(a.named_parameters(), b2.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_tensor_lr_follows_a_scheduler_without_host_values():
+    # SGD with a 0-dim tensor lr (torch.optim's capturable style): the fused step copies it on the
+    # device at each step (fill_ from a same-device tensor), so a captured step follows a
+    # scheduler's in-place updates; the same parameters as with a float lr. (AdamW with a tensor
+    # lr takes torch's own step: fused_kind.)
+    def run(tensor_lr):
+        m = make_model()
+        lr = torch.tensor(0.05) if tensor_lr else 0.05
+        b = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)
+        opt = saq.SAQ(m, b, rho=0.1, fused=True)  # raises if the fused step cannot take it
+        sched = torch.optim.lr_scheduler.StepLR(b, step_size=1, gamma=0.5)
+        lrs = []
+        for x, y in batches(3):
+            train(m, opt, [(x, y)])
+            sched.step()
+            lr_now = b.param_groups[0]["lr"]
+            lrs.append(float(lr_now))
+            assert isinstance(lr_now, torch.Tensor) == tensor_lr
+        return m, lrs
+
+    a, lra = run(True)
+    b, lrb = run(False)
+    assert lrb == [0.025, 0.0125, 0.00625]
+    assert lra == [float(torch.tensor(v)) for v in lrb]  # the same values, as fp32
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
