@@ -127,6 +127,34 @@ def test_import_does_not_import_triton():
     assert out.returncode == 0, out.stderr[-2000:]
 
 
+def test_kernels_run_with_the_datas_gpu_current(monkeypatch):
+    # Triton launches on the current CUDA device: every impl switches to the data's GPU first
+    # (fake cuda:1 tensors stand in for a second GPU; the wrapped impl records the device)
+    import contextlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import saq_kernels._triton as T
+
+    entered = []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(str(d))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    run = T.on_data_device(lambda *a: len(entered))
+    with FakeTensorMode():
+        one, zero = torch.empty(3, device="cuda:1"), torch.empty(3, device="cuda:0")
+    assert run(one, 1) == 1 and entered == ["cuda:1"]  # switched, inside the call
+    assert run([one], [one]) == 2                       # SAM ops: the first list's tensor
+    assert run(zero) == 2 and run([]) == 2 and run(torch.empty(2)) == 2  # current, none, CPU
+    table = T.impls()
+    assert set(table) == set(_BACKEND.table()) and all(callable(f) for f in table.values())
+
+
 def test_float64_refused_with_reason():
     x = torch.randn(5, dtype=torch.float64, device=DEV)
     with pytest.raises(RuntimeError, match="float64"):
