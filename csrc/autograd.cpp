@@ -15,14 +15,24 @@
 // ops.py calls them only in plain eager mode when the selected backend is "cpp" or "cuda"; under
 // torch.compile, export, fake tensors or any Python dispatch mode the "saq" custom ops (which have
 // fakes and a traceable autograd formula) stay the path. Double backward is not supported, as on
-// the Python path: a backward run with create_graph=True raises (check_no_double_backward).
+// the Python path: under create_graph=True the kernels' gradients get a grad_fn that raises when a
+// second backward reaches it (mark_no_double_backward); one that does not reach it (a gradient
+// penalty on other parameters) runs.
 //
 // The value check of the Python wrapper (scale / clip finite and > 0, torch._assert_async) is done
 // here for CPU tensors when check_values is true (saq_kernels.validate.CHECK_VALUES), where reading
 // them is free; the message is the Python one.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
+
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 #include <cmath>
 #include <optional>
@@ -49,13 +59,36 @@ void check_positive(const char* op, const char* name, const Tensor& t, bool abso
   }
 }
 
+// A grad_fn's pointer type: std::shared_ptr<Node> in torch 2.11, c10::intrusive_ptr<Node> in 2.13.
+using NodePtr = std::decay_t<decltype(std::declval<const Tensor&>().grad_fn())>;
+
+template <typename T, typename... Args>
+NodePtr make_node(Args&&... args) {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  }
+}
+
 // The quantizers' backward has no derivative of its own (as on the custom-op path, which raises
-// when a second backward reaches it). Without this check the engine would run the backward ops
-// through the autograd fallback and return zero second derivatives with only a warning.
-void check_no_double_backward(const char* op) {
-  TORCH_CHECK(!at::GradMode::is_enabled(), "saq::", op,
-              ": double backward (create_graph=True) is not supported: the quantizer's backward "
-              "has no derivative of its own; compute the gradient without create_graph");
+// when a second backward reaches it). Under create_graph=True the engine runs backward with grad
+// mode on: the kernels then run with it off (through the autograd fallback they would give zero
+// second derivatives with only a warning), and their outputs get a grad_fn that depends on
+// `deps` and raises only if a second backward reaches it.
+void mark_no_double_backward(const char* op, const std::vector<Tensor*>& outs,
+                             const variable_list& deps) {
+  bool any = false;
+  for (const Tensor& d : deps) any = any || (d.defined() && d.requires_grad());
+  if (!any) return;
+  const NodePtr node = make_node<torch::autograd::Error>(
+      std::string("saq::") + op +
+          ": double backward is not supported: a second derivative through the quantizer's "
+          "backward was requested (create_graph=True), which has no derivative of its own",
+      torch::autograd::collect_next_edges(deps));
+  for (Tensor* t : outs) {
+    if (t->defined()) torch::autograd::set_history(*t, node);
+  }
 }
 
 Tensor opt_or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
@@ -110,18 +143,23 @@ struct LiqQuantizeFunction : public torch::autograd::Function<LiqQuantizeFunctio
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    check_no_double_backward("liq_quantize");
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &clip = saved[1], &e = saved[2], &s = saved[3];
     const bool before = ctx->saved_data["before"].toBool();
-    auto [dx, dclip] =
-        liq_backward(grads[0], x, clip, ctx->saved_data["bits"].toInt(),
-                     ctx->saved_data["signed"].toBool(), ctx->saved_data["standardize"].toBool(),
-                     undefined_to_opt(e), undefined_to_opt(s), before,
-                     ctx->saved_data["relu"].toBool());
+    const bool create_graph = at::GradMode::is_enabled();
+    Tensor dx, dclip;
+    {
+      at::AutoGradMode no_grad(false);
+      std::tie(dx, dclip) =
+          liq_backward(grads[0], x, clip, ctx->saved_data["bits"].toInt(),
+                       ctx->saved_data["signed"].toBool(), ctx->saved_data["standardize"].toBool(),
+                       undefined_to_opt(e), undefined_to_opt(s), before,
+                       ctx->saved_data["relu"].toBool());
+      dclip = dclip.to(clip.scalar_type());
+    }
+    if (create_graph) mark_no_double_backward("liq_quantize", {&dx, &dclip}, {grads[0], x, clip, e, s});
     Tensor de = perturbation_grad(ctx, /*edge of e after x, clip*/ 2, grads[0], dx, e, s, before);
-    return {dx,       dclip.to(clip.scalar_type()), Tensor(), Tensor(), Tensor(), de, Tensor(),
-            Tensor(), Tensor()};
+    return {dx, dclip, Tensor(), Tensor(), Tensor(), de, Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -177,19 +215,27 @@ struct FakeQuantizeFunction : public torch::autograd::Function<FakeQuantizeFunct
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    check_no_double_backward("fake_quantize");
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &scale = saved[1], &zp = saved[2], &e = saved[3], &s = saved[4];
     const int64_t a = ctx->saved_data["axis"].toInt();
     const bool before = ctx->saved_data["before"].toBool();
-    auto [dx, dscale, dzp] = fq_backward(
-        grads[0], x, scale, zp, ctx->saved_data["qmin"].toInt(), ctx->saved_data["qmax"].toInt(),
-        a < 0 ? std::nullopt : std::optional<int64_t>(a), ctx->saved_data["gf"].toDouble(),
-        undefined_to_opt(e), undefined_to_opt(s), before, ctx->saved_data["relu"].toBool());
+    const bool create_graph = at::GradMode::is_enabled();
+    Tensor dx, dscale, dzp;
+    {
+      at::AutoGradMode no_grad(false);
+      std::tie(dx, dscale, dzp) = fq_backward(
+          grads[0], x, scale, zp, ctx->saved_data["qmin"].toInt(), ctx->saved_data["qmax"].toInt(),
+          a < 0 ? std::nullopt : std::optional<int64_t>(a), ctx->saved_data["gf"].toDouble(),
+          undefined_to_opt(e), undefined_to_opt(s), before, ctx->saved_data["relu"].toBool());
+      dscale = dscale.to(scale.scalar_type());
+      dzp = dzp.to(zp.scalar_type());
+    }
+    if (create_graph) {
+      mark_no_double_backward("fake_quantize", {&dx, &dscale, &dzp}, {grads[0], x, scale, zp, e, s});
+    }
     Tensor de = perturbation_grad(ctx, /*edge of e after x, scale, zp*/ 3, grads[0], dx, e, s, before);
-    return {dx,       dscale.to(scale.scalar_type()), dzp.to(zp.scalar_type()), Tensor(), Tensor(),
-            Tensor(), Tensor(),                       de,                        Tensor(), Tensor(),
-            Tensor()};
+    return {dx,       dscale,   dzp, Tensor(), Tensor(), Tensor(),
+            Tensor(), de,       Tensor(), Tensor(), Tensor()};
   }
 };
 

@@ -21,6 +21,7 @@ from .validate import (
     check_backup_prefix,
     check_bits,
     check_float,
+    check_one_device,
     check_param,
     check_perturbation,
     check_quant_range,
@@ -334,7 +335,10 @@ def liq_quantize(
         if perturbation is None:
             return x
         check_perturbation(op, x, perturbation, perturb_scale)
-        return x + (perturb_scale * perturbation).to(x.dtype)
+        # as the quantizing path: x + s*e formed in fp32 (fp64 for fp64 x), rounded once; no
+        # gradient for s
+        cd = _grad_dtype(x)
+        return (x.to(cd) + perturb_scale.detach().to(cd) * perturbation.to(cd)).to(x.dtype)
     native = _native_autograd(op, x)
     check_param(op, "clip", clip, x, None, positive=native is None, absolute=True)
     check_perturbation(op, x, perturbation, perturb_scale)
@@ -372,6 +376,7 @@ def _grad_sq_norm(
 
 @_grad_sq_norm.register_fake
 def _(grads, params, adaptive, eta):
+    check_one_device("grad_sq_norm", grads=grads, params=params)
     dev = grads[0].device
     dt = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
     return (torch.empty((), device=dev, dtype=dt), torch.empty((), device=dev, dtype=dt))
@@ -410,7 +415,7 @@ def _sam_perturb_(
 
 @_sam_perturb_.register_fake
 def _(params, grads, backups, scale, adaptive):
-    return None
+    check_one_device("sam_perturb_", params=params, grads=grads, backups=backups)
 
 
 def sam_perturb_(
@@ -432,6 +437,10 @@ def sam_perturb_(
     if not params:
         return
     check_same_device(op, "scale", scale, params[0])
+    if scale.dim() != 0:
+        if scale.numel() != 1:
+            raise ValueError(f"saq::{op}: 'scale' has shape {list(scale.shape)}; pass one 0-dim tensor")
+        scale = scale.reshape(())  # [1] -> []: the same value on every backend
     _call_list_op("sam_perturb_", _sam_perturb_, params[0], params, grads, backups, scale, adaptive)
 
 
@@ -442,7 +451,7 @@ def _sam_restore_(params: List[Tensor], backups: List[Tensor]) -> None:
 
 @_sam_restore_.register_fake
 def _(params, backups):
-    return None
+    check_one_device("sam_restore_", params=params, backups=backups)
 
 
 def sam_restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
@@ -475,7 +484,7 @@ def _sam_restore_sgd_(
 
 @_sam_restore_sgd_.register_fake
 def _(params, backups, grads, bufs, lr, momentum, dampening, wd, nesterov, first_step, found_inf):
-    return None
+    check_one_device("sam_restore_sgd_", params=params, backups=backups, grads=grads, momentum_buffers=bufs)
 
 
 def sam_restore_sgd_(
@@ -543,7 +552,9 @@ def _sam_restore_adamw_(
 
 @_sam_restore_adamw_.register_fake
 def _(params, backups, grads, m, v, steps, lr, b1, b2, eps, wd, found_inf):
-    return None
+    # (the steps may stay on the CPU: torch.optim keeps them there)
+    check_one_device("sam_restore_adamw_", params=params, backups=backups, grads=grads,
+                     exp_avgs=m, exp_avg_sqs=v)
 
 
 def sam_restore_adamw_(

@@ -8,6 +8,8 @@ skipped, because reading device memory would stall the stream every step. Set
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -44,15 +46,21 @@ def check_bits(op: str, bits) -> bool:
 
 
 def check_quant_range(op: str, quant_min: int, quant_max: int) -> None:
-    if int(quant_min) != quant_min or int(quant_max) != quant_max:
-        raise TypeError(f"saq::{op}: quant_min and quant_max must be integers, got {quant_min!r}, {quant_max!r}")
+    for name, v in (("quant_min", quant_min), ("quant_max", quant_max)):
+        # isinstance first: int(nan) / int(inf) raise without naming the op
+        if (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+                or int(v) != v):
+            raise TypeError(f"saq::{op}: {name} must be an integer, got {v!r}")
     if quant_min > quant_max:
         raise ValueError(
             f"saq::{op}: quant_min={quant_min} > quant_max={quant_max}; pass quant_min <= quant_max "
             f"(e.g. 0..15 for unsigned 4-bit, -8..7 for signed)"
         )
-    if quant_max - quant_min > 2**16:
-        raise ValueError(f"saq::{op}: the range quant_min..quant_max ({quant_min}..{quant_max}) is wider than 16 bits")
+    if quant_max - quant_min >= 2**16 or not -(2**31) <= quant_min <= quant_max < 2**31:
+        raise ValueError(
+            f"saq::{op}: the range quant_min..quant_max ({quant_min}..{quant_max}) needs more than "
+            f"16 bits (at most 65536 levels, within int32)"
+        )
 
 
 def check_same_device(op: str, name: str, t: Tensor, ref: Tensor) -> None:
@@ -149,6 +157,22 @@ def check_tensor_list(op: str, **lists) -> None:
     except (AttributeError, TypeError, StopIteration):
         pass  # a non-tensor entry: the loop below says which
     _check_tensor_list_slow(op, **lists)
+
+
+def check_one_device(op: str, **lists) -> None:
+    """Every tensor of these lists on one device. Called by the SAM ops' fakes, which also serve
+    as their Meta kernels: a list that mixes meta tensors with others dispatches there (to the
+    fake, not to a native kernel that would check), and must not pass with made-up outputs."""
+    ref_name, ref = None, None
+    for name, seq in lists.items():
+        for i, t in enumerate(seq):
+            if ref is None:
+                ref_name, ref = f"{name}[{i}]", t.device
+            elif t.device != ref:
+                raise ValueError(
+                    f"saq::{op}: '{name}[{i}]' is on {t.device} but '{ref_name}' is on {ref}; "
+                    "the SAM ops take the tensors of one device per call"
+                )
 
 
 def _check_tensor_list_slow(op: str, **lists) -> None:

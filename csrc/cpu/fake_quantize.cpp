@@ -182,7 +182,8 @@ Layout make_layout(const at::Tensor& x, std::optional<int64_t> axis) {
     L.outer = 1;
     L.inner = L.numel;
   }
-  L.periodic = L.C > 1 && L.inner < kRowMin;
+  // (an empty tensor takes the rows layout: its period C * inner would be 0, a divisor below)
+  L.periodic = L.C > 1 && L.inner < kRowMin && L.numel > 0;
   if (!L.periodic) {
     L.row_slices = std::max<int64_t>(1, ceil_div(L.inner, kBlock));
     L.items = L.outer * L.C * L.row_slices;

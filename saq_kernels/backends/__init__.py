@@ -6,11 +6,11 @@ taking the op's positional arguments (see saq_kernels/OPS.md). Capabilities are 
 sentences: the same string is the error message and the pytest skip reason.
 
 Selection, per call:
-1. an explicit choice: the innermost ``use_backend(name)`` block of the calling thread; in a
-   thread with no block of its own, the most recently entered block still open in any thread
-   (PyTorch runs the backward pass of CUDA tensors on its own per-device thread, which must see
-   the block its caller's ``loss.backward()`` runs in); else the ``SAQ_BACKEND`` environment
-   variable. It must be available and support the input, or the call raises with the
+1. an explicit choice: the innermost ``use_backend(name)`` block of the calling thread; while a
+   backward pass runs in a thread with no block of its own, the most recently entered block
+   still open in any thread (PyTorch runs the backward pass of CUDA tensors on its own
+   per-device thread, which must see the block its caller's ``loss.backward()`` runs in); else
+   the ``SAQ_BACKEND`` environment variable. It must be available and support the input, or the call raises with the
    reason (no silent fallback: a user who asked for "triton" must not get the reference).
 2. otherwise the first backend that is available and supports it, in the order measured for this
    device type, op and dtype (measured_order.py, written by benchmarks/choose_defaults.py from the
@@ -186,11 +186,22 @@ def set_default_order(device_type: str, names: List[str]) -> None:
     _ORDER_CACHE.clear()
 
 
+def _in_backward() -> bool:
+    """True while this thread executes a backward pass (an autograd graph task)."""
+    import torch
+
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
 def _explicit() -> Optional[str]:
     stack = getattr(_LOCAL, "stack", None)
     if stack:
         return stack[-1]
-    if _OPEN:  # a thread with no block of its own, e.g. the autograd engine's CUDA backward thread
+    # a thread with no block of its own, inside a backward pass: the autograd engine's device
+    # thread running the backward of a loss.backward() called inside a block (other threads,
+    # an evaluation thread say, keep their own choice)
+    if _OPEN and _in_backward():
         try:
             return _OPEN[-1][1]
         except IndexError:  # the last block closed in between
@@ -206,11 +217,11 @@ def use_backend(name: str) -> Iterator[Backend]:
     Raises ValueError for an unknown name and RuntimeError with the reason when the backend is
     unavailable here, so a typo or a missing build never silently falls back to another path.
 
-    The block applies to the calling thread, and to threads that have no block of their own while
-    it is open -- in particular the autograd engine's backward thread for CUDA tensors, so that
-    ``loss.backward()`` inside the block runs the backward ops on ``name`` too. (Two threads with
-    blocks of their own each keep their own choice; their backward passes on the GPU follow the
-    block entered last.)
+    The block applies to the calling thread, and to backward passes that run, while it is open,
+    in threads with no block of their own -- the autograd engine's backward thread for CUDA
+    tensors -- so that ``loss.backward()`` inside the block runs the backward ops on ``name`` too.
+    Other threads keep their own choice. (Two threads that each hold a block and run backward
+    passes on the GPU at the same time: their backward ops follow the block entered last.)
     """
     backend = get_backend(name)
     reason = backend.available()

@@ -16,6 +16,7 @@ import torch
 
 from . import OP_NAMES as OPS
 from . import Backend, register_backend
+from ..validate import check_one_device
 
 __all__ = ["OPS", "register_fakes"]
 
@@ -117,27 +118,32 @@ def register_fakes() -> None:
     def _(grad, x, clip, bits, signed, standardize, e, s, before, relu=False):
         return _like(x), _f32(clip)
 
+    # The list ops' fakes are their Meta kernels too: a list mixing meta tensors with others
+    # lands here instead of in a native kernel that checks devices, so they check (validate.py).
     @reg("saq_C::grad_sq_norm")
     def _(grads, params, adaptive, eta):
+        check_one_device("grad_sq_norm", grads=grads, params=params)
         dev = grads[0].device if len(grads) else torch.device("cpu")
         return (torch.empty((), dtype=torch.float32, device=dev),
                 torch.empty((), dtype=torch.float32, device=dev))
 
     @reg("saq_C::sam_perturb_")
     def _(params, grads, backups, scale, adaptive):
-        return None
+        check_one_device("sam_perturb_", params=params, grads=grads, backups=backups)
 
     @reg("saq_C::sam_restore_")
     def _(params, backups):
-        return None
+        check_one_device("sam_restore_", params=params, backups=backups)
 
     @reg("saq_C::sam_restore_sgd_")
     def _(params, backups, grads, bufs, lr, momentum, dampening, wd, nesterov, first_step, found_inf):
-        return None
+        check_one_device("sam_restore_sgd_", params=params, backups=backups, grads=grads,
+                         momentum_buffers=bufs)
 
     @reg("saq_C::sam_restore_adamw_")
     def _(params, backups, grads, m, v, steps, lr, b1, b2, eps, wd, found_inf):
-        return None
+        check_one_device("sam_restore_adamw_", params=params, backups=backups, grads=grads,
+                         exp_avgs=m, exp_avg_sqs=v)
 
 
 def _ops_defined() -> bool:

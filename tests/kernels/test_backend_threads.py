@@ -31,17 +31,49 @@ def _in_thread(fn):
     return out["value"]
 
 
-def test_a_thread_without_blocks_follows_the_open_block(monkeypatch):
+class _Probe(torch.autograd.Function):
+    """Records the backend choice seen inside its backward pass."""
+    seen = []
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        _Probe.seen.append(_explicit())
+        return g * 2
+
+
+def _backward_choice():
+    _Probe.seen.clear()
+    _Probe.apply(torch.ones(2, requires_grad=True)).sum().backward()
+    return _Probe.seen[0]
+
+
+def test_a_backward_pass_without_blocks_follows_the_open_block(monkeypatch):
     monkeypatch.delenv("SAQ_BACKEND", raising=False)
-    assert _in_thread(_explicit) is None
+    assert _in_thread(_backward_choice) is None
     with sk.use_backend("reference"):
-        assert _in_thread(_explicit) == "reference"
+        assert _in_thread(_backward_choice) == "reference"
         with sk.use_backend("cpp"):
-            assert _in_thread(_explicit) == "cpp"
-        assert _in_thread(_explicit) == "reference"
-    assert _in_thread(_explicit) is None
+            assert _in_thread(_backward_choice) == "cpp"
+        assert _in_thread(_backward_choice) == "reference"
+    assert _in_thread(_backward_choice) is None
     monkeypatch.setenv("SAQ_BACKEND", "reference")
-    assert _in_thread(_explicit) == "reference"
+    assert _in_thread(_backward_choice) == "reference"
+
+
+def test_other_threads_keep_their_own_choice(monkeypatch):
+    # outside a backward pass, a thread without a block does not follow another thread's block
+    # (an evaluation thread must not switch, or be refused, because training opened one)
+    monkeypatch.delenv("SAQ_BACKEND", raising=False)
+    with sk.use_backend("cpp"):
+        assert _in_thread(_explicit) is None
+        x = torch.randn(3, 4, dtype=torch.float64)  # cpp refuses float64: a leak would raise
+        y = _in_thread(lambda: sk.fake_quantize(x, torch.tensor([0.1], dtype=torch.float64),
+                                                torch.zeros(1, dtype=torch.float64), -8, 7))
+        assert y.dtype == torch.float64
 
 
 def test_a_thread_keeps_its_own_block(monkeypatch):

@@ -236,7 +236,10 @@ def test_fake_quantize_layout_edge_cases():
     cases = [(base.transpose(0, 2), 1), (base[:, ::2, :], -1), (base.permute(2, 0, 1), None),
              (base.contiguous(memory_format=torch.contiguous_format)[None].contiguous(
                  memory_format=torch.channels_last), 1),
-             (torch.tensor(1.37), None), (torch.empty(0, 3), 1), (torch.empty(0), None)]
+             (torch.tensor(1.37), None), (torch.empty(0, 3), 1), (torch.empty(0), None),
+             # empty runs behind several channels (a zero-length period: divided by it once)
+             (torch.empty(3, 0), 0), (torch.empty(2, 3, 0), 1), (torch.empty(3, 0), -2),
+             (torch.empty(300, 0), 0)]
     for x, axis in cases:
         scale, zp = _fq_params(x, axis)
         args = (scale, zp, 0, 15, axis, 1.0, None, None, False)
@@ -245,6 +248,8 @@ def test_fake_quantize_layout_edge_cases():
         dx, ds, dz = C.fake_quantize_backward(torch.ones_like(x), x, *args)
         assert torch.equal(dx, R.fake_quantize_backward(torch.ones_like(x), x, *args)[0])
         assert ds.shape == scale.shape and dz.shape == zp.shape
+        if x.numel() == 0:
+            assert not ds.any() and not dz.any()
     # 0-dim scale / zero point (per tensor) give 0-dim gradients
     x = _rand((50,))
     dx, ds, dz = C.fake_quantize_backward(x, x, torch.tensor(0.1), torch.tensor(1.0), 0, 15, None,

@@ -255,6 +255,14 @@ def test_fake_quantize_non_contiguous_and_empty():
     assert y.shape == (0, 5)
     dx, ds, dz = _op("fake_quantize_backward")(empty, empty, s2, z2, 0, 15, 1, 1.0, None, None, False)
     assert dx.shape == (0, 5) and bool((ds == 0).all()) and bool((dz == 0).all())
+    # empty runs behind several channels (the CPU kernel once divided by the zero-length period)
+    for shape, axis in [((3, 0), 0), ((2, 3, 0), 1), ((300, 0), -2)]:
+        empty = torch.empty(shape, device=DEVICE)
+        s3, z3 = _fq_params(shape, axis, 8)
+        y = _op("fake_quantize")(empty, s3, z3, 0, 15, axis, 1.0, None, None, False)
+        dx, ds, dz = _op("fake_quantize_backward")(empty, empty, s3, z3, 0, 15, axis, 1.0, None, None, False)
+        assert y.shape == shape and dx.shape == shape
+        assert bool((ds == 0).all()) and bool((dz == 0).all()) and ds.shape == s3.shape
 
 
 def test_fake_quantize_large_per_channel_reduction():

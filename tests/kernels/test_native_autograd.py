@@ -189,17 +189,48 @@ def test_inplace_change_after_forward_is_caught(device):
 
 
 def test_double_backward_raises_instead_of_returning_zeros(device):
+    # a second derivative through the quantizer's backward: the custom op has no autograd formula
+    # for its backward op and raises when a second backward reaches it; the native path raises
+    # there too (not zeros with a warning, which the autograd fallback would give)
     x = _rand((6, 7), torch.float32, device, 13).requires_grad_()
     clip = torch.tensor([1.0], device=device, requires_grad=True)
     for fn in (lambda: sk.liq_quantize(x, clip, 4, False),
                lambda: sk.fake_quantize(x, clip, torch.zeros(1, device=device), 0, 15)):
         y = fn()
         assert _is_native(y.grad_fn)
-        with pytest.raises(RuntimeError, match="double backward .create_graph=True. is not supported"):
-            torch.autograd.grad(y.square().sum(), [x], create_graph=True)
+        (gx,) = torch.autograd.grad(y.square().sum(), [x], create_graph=True)
+        assert gx.requires_grad
+        with pytest.raises(RuntimeError, match="double backward is not supported"):
+            gx.sum().backward()
         # first-order gradients are unaffected
         (gx,) = torch.autograd.grad(fn().square().sum(), [x])
         assert torch.isfinite(gx).all()
+
+
+@pytest.mark.parametrize("quantizer", ["fake_quantize", "liq_quantize"])
+def test_create_graph_without_a_second_derivative_of_the_quantizer(device, quantizer):
+    # a gradient penalty on a weight that follows a quantized activation needs create_graph=True
+    # but no second derivative of the quantizer: the native path runs it like the custom op
+    def run(native):
+        torch.manual_seed(0)
+        x = _rand((8, 12), torch.float32, device, 21)
+        w = torch.randn(5, 12, device=device, requires_grad=True)
+        s = torch.tensor([0.2], device=device, requires_grad=True)
+        z = torch.zeros(1, device=device)
+        if quantizer == "fake_quantize":
+            q = (sk.fake_quantize(x, s, z, 0, 15) if native
+                 else torch.ops.saq.fake_quantize(x, s, z, 0, 15, None, 1.0, None, None, False, False))
+        else:
+            q = (sk.liq_quantize(x, s, 4, False) if native
+                 else torch.ops.saq.liq_quantize(x, s, 4, False, False, None, None, False, False))
+        assert _is_native(q.grad_fn) == native
+        loss = (q @ w.t()).square().sum()
+        (gw, gs) = torch.autograd.grad(loss, (w, s), create_graph=True)
+        (gw.square().sum() + loss).backward()
+        return w.grad, s.grad, gs.detach()
+
+    for a, b in zip(run(True), run(False)):
+        _assert_bitwise(a, b, "penalty")
 
 
 def test_activation_checkpointing(device):

@@ -20,6 +20,17 @@ def test_liq_bits_32_passes_through_and_bool_bits_rejected():
     assert sk.liq_quantize(x, torch.tensor([1.0]), 32, True) is x
     with pytest.raises(TypeError, match="'bits'"):
         sk.liq_quantize(x, torch.tensor([1.0]), True, True)
+    # perturbed at 32 bits: x + s*e formed in fp32 and rounded once (OPS.md's order), s gets no
+    # gradient, e gets s * grad
+    g = torch.Generator().manual_seed(3)
+    xh = (torch.randn(4096, generator=g) * 3).half().requires_grad_()
+    e = torch.randn(4096, generator=g).half().requires_grad_()
+    s = torch.tensor(0.37, requires_grad=True)
+    y = sk.liq_quantize(xh, torch.tensor([1.0]), 32, True, False, e, s)
+    assert torch.equal(y, (xh.float() + 0.37 * e.float()).half())
+    y.sum().backward()
+    assert s.grad is None and torch.equal(e.grad, torch.full_like(e, 0.37))
+    assert torch.equal(xh.grad, torch.ones_like(xh))
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf")])
@@ -178,3 +189,59 @@ def test_requested_backend_that_cannot_serve_names_the_ones_that_can():
             sk.liq_quantize(x, torch.tensor([1.0], dtype=torch.float64), 4, True)
     tail = str(info.value).split("one that can:")[1]
     assert "'reference'" in tail and "'triton'" not in tail
+
+
+def test_sam_lists_mixing_devices_are_refused():
+    # a list that mixes meta tensors with CPU ones dispatches to the ops' fakes (their Meta
+    # kernels), not to a kernel that checks: the fakes refuse it by name instead of returning
+    # made-up values (the cpp grad_sq_norm returned uninitialized memory)
+    ps = [torch.ones(4), torch.ones(3, device="meta")]
+    gs = [torch.ones(4), torch.ones(3, device="meta")]
+    bs = [torch.empty(4), torch.empty(3, device="meta")]
+    lr = torch.tensor(0.1)
+    calls = {
+        "grad_sq_norm": lambda: sk.grad_sq_norm(gs, ps),
+        "sam_perturb_": lambda: sk.sam_perturb_(ps, gs, bs, torch.tensor(1.0)),
+        "sam_restore_": lambda: sk.sam_restore_(ps, bs),
+        "sam_restore_sgd_": lambda: sk.sam_restore_sgd_(ps, bs, gs, [torch.zeros(4), torch.zeros(3, device="meta")], lr, momentum=0.9),
+        "sam_restore_adamw_": lambda: sk.sam_restore_adamw_(
+            ps, bs, gs, [torch.zeros(4), torch.zeros(3, device="meta")],
+            [torch.zeros(4), torch.zeros(3, device="meta")], [torch.zeros(()), torch.zeros(())], lr),
+    }
+    for op, call in calls.items():
+        with pytest.raises(ValueError, match=rf"saq::{op}: '\w+\[1\]' is on meta but '\w+\[0\]' is on cpu"):
+            call()
+    assert torch.equal(ps[0], torch.ones(4))
+
+
+def test_quant_range_values_are_refused_by_name():
+    import numpy as np
+
+    x = x4()
+    s, z = torch.tensor([0.1]), torch.zeros(1)
+    for bad in (float("nan"), float("inf"), 2.5, "3", None, True):
+        with pytest.raises(TypeError, match=r"saq::fake_quantize: quant_min must be an integer"):
+            sk.fake_quantize(x, s, z, bad, 7)
+    with pytest.raises(ValueError, match="needs more than 16 bits"):
+        sk.fake_quantize(x, s, z, 0, 65536)      # 65537 levels
+    with pytest.raises(ValueError, match="needs more than 16 bits"):
+        sk.fake_quantize(x, s, z, 2**63 - 1, 2**63 - 1)
+    # the widest accepted ranges, numpy integers, and integral floats
+    sk.fake_quantize(x, s, z, 0, 65535)
+    sk.fake_quantize(x, s, z, -32768, 32767)
+    sk.fake_quantize(x, s, z, np.int64(-8), np.int32(7))
+    sk.fake_quantize(x, s, z, -8.0, 7.0)
+
+
+def test_sam_perturb_scale_shape():
+    # a [1] scale is taken as the 0-dim one it holds (the reference used to fail half-way on a
+    # 0-dim parameter, after perturbing the earlier ones); a longer one is refused up front
+    for backend in ("reference", "cpp"):
+        ps = [torch.ones(3), torch.tensor(2.0)]
+        bs = [torch.empty(3), torch.empty(())]
+        with sk.use_backend(backend):
+            sk.sam_perturb_(ps, [torch.ones(3), torch.tensor(1.0)], bs, torch.tensor([0.5]))
+        assert torch.equal(ps[0], torch.full((3,), 1.5)) and float(ps[1]) == 2.5
+        with pytest.raises(ValueError, match=r"'scale' has shape \[2\]; pass one 0-dim tensor"):
+            sk.sam_perturb_(ps, [torch.ones(3), torch.tensor(1.0)], bs, torch.tensor([0.5, 1.0]))
+        assert torch.equal(ps[0], torch.full((3,), 1.5))
