@@ -2,9 +2,9 @@
 
 The reference recipe's first/last layer handling is the default: the first conv gets 8-bit weights
 and a float (unquantized) input, the last linear gets 8-bit weights and 8-bit inputs, every other
-conv/linear (shortcuts included) the target bits. Weights and biases are copied, so a
-full-precision checkpoint can be loaded before (into the float model) or after (strict=False for
-the new quantizer parameters) conversion.
+conv/linear (shortcuts included) the target bits. The quantized layers take over the float layers'
+weight and bias Parameters (tied weights stay tied), so a full-precision checkpoint can be loaded
+before (into the float model) or after (strict=False for the new quantizer parameters) conversion.
 """
 from __future__ import annotations
 
@@ -25,6 +25,14 @@ def _layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
         for n, m in model.named_modules()
         if type(m) in (nn.Conv2d, nn.Linear) or isinstance(m, QuantLayer)
     ]
+
+
+def _aliases(model: nn.Module) -> dict:
+    """id(module) -> every name it is registered under (a module shared by two attributes)."""
+    out: dict = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        out.setdefault(id(m), []).append(n)
+    return out
 
 
 def quantized_layers(model: nn.Module) -> List[Tuple[str, QuantLayer]]:
@@ -49,10 +57,11 @@ def _convert(m: nn.Module, wbits: int, abits: int, **kw) -> nn.Module:
     else:
         kw.pop("standardize", None)
         q = QLinear(m.in_features, m.out_features, m.bias is not None, wbits, abits, device=dev, dtype=dt, **kw)
-    with torch.no_grad():
-        q.weight.copy_(m.weight)
-        if m.bias is not None:
-            q.bias.copy_(m.bias)
+    # the same Parameter objects, not copies: weights tied across layers stay tied, and an
+    # optimizer that already holds them keeps training them
+    q.weight = m.weight
+    if m.bias is not None:
+        q.bias = m.bias
     q.train(m.training)
     return q
 
@@ -99,6 +108,9 @@ def quantize_model(
     first = convs[0] if convs else None
     last = linears[-1] if linears else None
     kw = dict(quantizer=quantizer, per_channel=per_channel, standardize=standardize, signed_activations=signed_activations)
+    # every new layer is built before the model is touched: a refused argument (bits 9, say)
+    # leaves the model as it was, so a corrected call sees the same first and last layers
+    new = []
     for name, m in layers:
         if any(fnmatch.fnmatchcase(name, pat) for pat in skip):
             continue
@@ -107,7 +119,11 @@ def quantize_model(
             wb, ab = first_last_bits, 32
         elif first_last_bits is not None and name == last:
             wb, ab = first_last_bits, first_last_bits
-        _set(model, name, _convert(m, wb, ab, **kw))
+        new.append((m, _convert(m, wb, ab, **kw)))
+    names = _aliases(model)
+    for m, q in new:
+        for name in names[id(m)]:  # a module registered under two names is replaced under both
+            _set(model, name, q)
     if fold_relu:
         fold_relus(model)
     return model

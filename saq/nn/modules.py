@@ -158,7 +158,7 @@ class QuantLayer:
             per = w.numel() // self.weight_scale.numel()
             gf = 1.0 / math.sqrt(per * qmax)
             axis = 0 if self.per_channel else None
-            return sk.fake_quantize(w, self.weight_scale, self.weight_zero_point, qmin, qmax, axis, gf, e, s, before)
+            return sk.fake_quantize(w, self.weight_scale.abs(), self.weight_zero_point, qmin, qmax, axis, gf, e, s, before)
         return dorefa_weight(w, b, e, s, before)
 
     @property
@@ -190,7 +190,10 @@ class QuantLayer:
         if q in ("lsq", "lsq+"):
             qmin, qmax = self._lsq_range(b, self.signed_activations)
             gf = 1.0 / math.sqrt(x[0].numel() * qmax) if x.dim() > 1 else 1.0 / math.sqrt(x.numel() * qmax)
-            return sk.fake_quantize(x, self.activation_scale, self.activation_zero_point, qmin, qmax,
+            # |scale|, as LIQ's |clip|: a SAM ascent (or a large step) that pushes a small LSQ+
+            # scale through 0 must not stop training (the op refuses scale <= 0); for a positive
+            # scale the values and gradients are the same
+            return sk.fake_quantize(x, self.activation_scale.abs(), self.activation_zero_point, qmin, qmax,
                                     None, gf, relu=fold)
         if q == "pact":  # relu(relu(x)) = relu(x), gradients included: the fold is PACT itself
             return pact_activation(x, self.activation_clip_value, b)

@@ -139,6 +139,9 @@ class SAQ(Optimizer):
         self.param_groups = base_optimizer.param_groups
         self._fused = FusedStep(base_optimizer, kind) if (fused is None and kind) or fused else None
         self.qlayers: List[QuantLayer] = [m for m in model.modules() if isinstance(m, QuantLayer)]
+        # what SAM perturbs: the trained parameters (in the base optimizer, requiring grad), as the
+        # reference's loop over param_groups; a frozen layer is neither captured nor perturbed
+        self._trained = {id(p) for g in base_optimizer.param_groups for p in g["params"] if p.requires_grad}
         self.small: List[Tuple[nn.Parameter, bool]] = self._small_params(include_bn, include_aclip, include_wclip)
         self._backups: Dict[Tensor, Tensor] = {}
         self._perturbed: List[Tensor] = []
@@ -158,7 +161,7 @@ class SAQ(Optimizer):
         seen = set()
 
         def add(p: Optional[Tensor], adaptive: bool) -> None:
-            if isinstance(p, nn.Parameter) and p.requires_grad and id(p) not in seen:
+            if isinstance(p, nn.Parameter) and id(p) in self._trained and id(p) not in seen:
                 seen.add(id(p))
                 out.append((p, adaptive))
 
@@ -185,7 +188,7 @@ class SAQ(Optimizer):
     def _set_capture(self, on: bool) -> None:
         """Case 3: ask the quantized layers to capture dL/dQ(w) in the next pass."""
         for m in self.qlayers:
-            m._saq_capture = on and self.case == 3
+            m._saq_capture = on and self.case == 3 and self._trains_weight(m)
             if m._saq_capture:
                 m._probe()  # allocated here, outside any compiled forward
             if on:
@@ -203,10 +206,15 @@ class SAQ(Optimizer):
         """False on the steps where the efficient mode re-applies the last perturbation."""
         return self._last is None or self.steps % self.ascent_every == 0
 
+    def _trains_weight(self, m: QuantLayer) -> bool:
+        return id(m.weight) in self._trained
+
     def _weight_entries(self) -> List[Tuple[QuantLayer, Tensor, Tensor]]:
         """(layer, gradient, point) per quantized layer whose weight is perturbed."""
         entries = []
         for m in self.qlayers:
+            if not self._trains_weight(m):
+                continue
             if self.case == 3:
                 g = m.captured_grad
                 # the adaptive factor needs X = Q(w): recomputed (one quantizer pass) only then

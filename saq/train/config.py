@@ -185,8 +185,10 @@ def resolve(cfg: TrainConfig, explicit: Iterable[str] = ()) -> TrainConfig:
     if cfg.clip_lr is None:
         cfg = dataclasses.replace(cfg, clip_lr=cfg.lr)
     if cfg.scheduler == "step" and cfg.milestones is None:
+        # at 40 % and 60 % of the epochs, never at epoch 0 (a 1- or 2-epoch run decayed from its
+        # first step); fewer than 2 epochs: no decay
         e = cfg.epochs
-        cfg = dataclasses.replace(cfg, milestones=(int(e * 0.4), int(e * 0.6)))
+        cfg = dataclasses.replace(cfg, milestones=tuple(m for m in (max(1, int(e * 0.4)), max(1, int(e * 0.6))) if m < e))
     _check(cfg)
     return cfg
 

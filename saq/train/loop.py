@@ -132,19 +132,29 @@ def _load_pretrained(model: nn.Module, path: str) -> None:
     ckpt_mod.load_model_state(model, state, path)
 
 
-def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
+def build_model(cfg: TrainConfig, num_classes: int, in_chans: int,
+                img_size: Optional[int] = None) -> nn.Module:
     """get_model + optional --pretrained (into the float model) + quantize_model (unless W32A32).
-    Float32, CPU, train mode."""
+    Float32, CPU, train mode.
+
+    vit_tiny is built for the data's ``img_size`` (16x16 patches from 224 up, else 4x4: CIFAR's
+    usual choice, and digits' 8x8 in 4 patches) and quantizes its layer inputs with a signed range
+    (a transformer's linear layers read LayerNorm outputs and attention values of both signs)."""
     import saq
     from saq.models import get_model
 
-    model = get_model(cfg.model, num_classes, in_chans=in_chans)
+    kw: Dict[str, Any] = {}
+    vit = cfg.model.startswith("vit")
+    if vit and img_size:
+        kw = dict(img_size=img_size, patch_size=16 if img_size >= 224 and img_size % 16 == 0
+                  else 4 if img_size % 4 == 0 else 1)
+    model = get_model(cfg.model, num_classes, in_chans=in_chans, **kw)
     if cfg.pretrained:
         _load_pretrained(model, cfg.pretrained)
     if not (cfg.wbits == 32 and cfg.abits == 32):
         saq.quantize_model(model, weight_bits=cfg.wbits, act_bits=cfg.abits,
                            quantizer=cfg.quantizer, per_channel=cfg.per_channel,
-                           first_last_bits=cfg.first_last_bits)
+                           first_last_bits=cfg.first_last_bits, signed_activations=vit)
     return model
 
 
@@ -179,6 +189,27 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module):
     case = 2 if cfg.method == "sam" else cfg.case
     return saq.SAQ(model, base, rho=cfg.rho, case=case, adaptive=cfg.adaptive, eta=cfg.eta,
                    ascent_every=cfg.ascent_every, sync_ascent=cfg.sync_ascent), base
+
+
+def _apply_config_hyperparameters(cfg: TrainConfig, opt, base, sched, fresh: List[dict]) -> None:
+    """After a resume loaded the checkpoint's optimizer, scheduler and SAQ state (which carry the
+    hyperparameters they were built with), put back those of ``cfg`` -- the checkpoint's config
+    with the options given again on the command line on top -- so that ``--resume ... --lr 0.01``
+    trains at 0.01 (it used to be recorded but not applied). ``fresh``: the param groups' options
+    as built from ``cfg``, before loading. The current lr follows the schedule at the loaded step
+    from the new base lrs; an unchanged config reproduces the loaded values exactly."""
+    for g, f in zip(base.param_groups, fresh):
+        for k, v in f.items():
+            if k not in ("lr", "initial_lr"):
+                g[k] = v
+    sched.base_lrs = [f["initial_lr"] for f in fresh]
+    for g, b, lam in zip(base.param_groups, sched.base_lrs, sched.lr_lambdas):
+        g["initial_lr"] = b
+        g["lr"] = b * lam(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in base.param_groups]
+    if opt is not base:  # SAQ: its state_dict carries rho, adaptive, eta, ascent_every
+        opt.rho, opt.adaptive, opt.eta = float(cfg.rho), bool(cfg.adaptive), float(cfg.eta)
+        opt.ascent_every = int(cfg.ascent_every)
 
 
 def build_scheduler(cfg: TrainConfig, base: torch.optim.Optimizer, steps_per_epoch: int):
@@ -390,7 +421,7 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
     ck = ckpt_mod.load_checkpoint(cfg.resume) if cfg.resume else None
     # resuming: the checkpoint replaces the weights, so --pretrained is not read again
     model = build_model(cfg if ck is None else dataclasses.replace(cfg, pretrained=None),
-                        info["num_classes"], info["input_shape"][0])
+                        info["num_classes"], info["input_shape"][0], info["input_shape"][1])
     if ck is not None:
         ckpt_mod.load_model_state(model, ck["model"], cfg.resume)
     model.to(device)
@@ -400,8 +431,10 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start_epoch, start_batch, step, best, elapsed0 = 0, 0, 0, {}, 0.0
     if ck is not None:
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
         _load_state("optimizer", opt, ck["optimizer"], cfg.resume)
         _load_state("scheduler", sched, ck["scheduler"], cfg.resume)
+        _apply_config_hyperparameters(cfg, opt, base, sched, fresh)
         if ck.get("scaler"):
             _load_state("GradScaler", scaler, ck["scaler"], cfg.resume)
         ckpt_mod.restore_rng_state(ck["rng"])
@@ -533,7 +566,7 @@ def evaluate_checkpoint(path: str, dataset: Optional[str] = None, data_root: Opt
     dev = dist_mod.resolve_device(device, env)
     _, test_loader, info = make_loaders(cfg.dataset, cfg.data_root, batch_size=cfg.batch_size,
                                         seed=cfg.seed, num_workers=workers)
-    model = build_model(cfg, info["num_classes"], info["input_shape"][0])
+    model = build_model(cfg, info["num_classes"], info["input_shape"][0], info["input_shape"][1])
     ckpt_mod.load_model_state(model, ck["model"], path)
     model.to(dev)
     res = evaluate(model, test_loader, dev, cfg.amp)

@@ -113,6 +113,26 @@ def test_resume_exact_smoke(tmp_path):
                           resumed["optimizer"]["base"]["state"], "optimizer")
 
 
+def test_resume_applies_changed_hyperparameters(tmp_path):
+    """--resume with new lr / momentum / weight decay / clip lr / rho / adaptive / ascent_every:
+    the run continues with them (the loaded optimizer, scheduler and SAQ state carried the old
+    ones and used to win silently), and the schedule continues at the loaded step."""
+    common = ["--epochs", "2"]
+    _train(tmp_path / "r", *common, "--max-steps", "2")
+    new = ["--lr", "0.2", "--momentum", "0.5", "--weight-decay", "0.01", "--clip-lr", "0.003",
+           "--rho", "0.3", "--adaptive", "--ascent-every", "2"]
+    ck = _train(tmp_path / "r", *common, *new, "--max-steps", "4", "--resume", "auto")
+    saq_state, groups = ck["optimizer"]["saq"], ck["optimizer"]["base"]["param_groups"]
+    assert (saq_state["rho"], saq_state["adaptive"], saq_state["ascent_every"]) == (0.3, True, 2)
+    assert [g["initial_lr"] for g in groups] == [0.2, 0.003]
+    assert all(g["momentum"] == 0.5 for g in groups)
+    assert groups[0]["weight_decay"] == 0.01
+    # cosine over 2 epochs of 3 steps, at the saved step 4
+    import math
+    assert groups[0]["lr"] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 4 / 6)), rel=1e-12)
+    assert ck["config"]["lr"] == 0.2 and ck["config"]["rho"] == 0.3
+
+
 def test_garbage_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "last.pt"
     bad.write_bytes(b"this is not a checkpoint" * 10)

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+import saq
 from saq.cli import main
 from saq.train.config import PRESETS
 from saq.train.loop import build_config
@@ -84,6 +85,22 @@ def test_preset_values_and_explicit_override(tmp_path):
                             "imagenet-resnet18-w4a4"}
 
 
+def test_step_schedule_never_decays_at_epoch_0(tmp_path):
+    def ms(epochs):
+        return build_config({"scheduler": "step", "epochs": epochs, "out": str(tmp_path)}).milestones
+
+    assert ms(1) == () and ms(2) == (1, 1) and ms(5) == (2, 3) and ms(200) == (80, 120)
+
+
+def test_vit_is_built_for_the_data(tmp_path):
+    from saq.train.loop import build_model
+
+    cfg = build_config({"model": "vit_tiny", "out": str(tmp_path)})
+    m = build_model(cfg, 10, 1, 8)  # digits: 1 x 8 x 8
+    assert m.patch_embed.img_size == 8 and m.patch_embed.num_patches == 4
+    assert all(layer.signed_activations for _, layer in saq.quantized_layers(m))
+
+
 def test_default_out_folder_name():
     cfg = build_config({})
     assert os.path.basename(cfg.out).startswith("digits-digits_cnn-saq-w4a4-")
@@ -132,7 +149,9 @@ def test_eval_missing_checkpoint(tmp_path, capsys):
     ["--method", "saq", "--case", "1", "--adaptive"],
     ["--method", "saq", "--ascent-every", "2", "--optimizer", "adamw", "--scheduler", "step"],
     ["--quantizer", "lsq", "--per-channel", "--amp", "bf16"],
-], ids=["qat", "float", "sam", "case1-adaptive", "efficient-adamw", "lsq-bf16"])
+    ["--quantizer", "lsq+"],
+    ["--model", "vit_tiny"],
+], ids=["qat", "float", "sam", "case1-adaptive", "efficient-adamw", "lsq-bf16", "lsqplus", "vit"])
 def test_train_variants(tmp_path, extra):
     out = tmp_path / "run"
     assert main(["train", "--max-steps", "2", "--epochs", "1", "--batch-size", "256",

@@ -68,6 +68,69 @@ def test_eval_under_inference_mode(quantizer):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("quantizer", ["lsq", "lsq+"])
+def test_lsq_scales_act_by_magnitude(quantizer):
+    # SAQ's ascent perturbs activation scales by an absolute step, which can push a small LSQ+
+    # scale through 0 (a default `saq train --quantizer lsq+` stopped with "'scale' must be > 0"):
+    # the layers quantize with |scale|, as LIQ with |clip|; a negative scale gives the same output
+    # and the gradient of |scale|, sign-flipped
+    torch.manual_seed(0)
+    m = saq.quantize_model(small_cnn(), 4, 4, quantizer=quantizer)
+    x = torch.randn(4, 3, 8, 8)
+    m(x).sum().backward()  # first-batch initialization
+    layer = m[3]
+    want = m(x)
+    gs = torch.autograd.grad(want.sum(), [layer.activation_scale, layer.weight_scale])
+    with torch.no_grad():
+        layer.activation_scale.neg_()
+        layer.weight_scale.neg_()
+    got = m(x)
+    assert torch.equal(got, want)
+    gn = torch.autograd.grad(got.sum(), [layer.activation_scale, layer.weight_scale])
+    for a, b in zip(gn, gs):
+        assert torch.equal(a, -b)
+    # and the SAQ run that used to stop: 5 steps at rho 0.1, lsq+ 4-bit on digits_cnn
+    torch.manual_seed(0)
+    net = saq.quantize_model(saq.models.get_model("digits_cnn", 10), 4, 4, quantizer=quantizer)
+    xs, ys = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    opt = saq.SAQ(net, torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9), rho=0.1)
+    for _ in range(5):
+        nn.functional.cross_entropy(net(xs), ys).backward()
+        opt.ascent_step()
+        nn.functional.cross_entropy(net(xs), ys).backward()
+        opt.descent_step()
+    assert opt.skipped_steps == 0
+
+
+def test_quantize_model_keeps_sharing_and_fails_without_changes():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 16, 3)
+            self.a, self.b, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+            self.b.weight = self.a.weight  # tied weights
+            self.alias = self.head         # one module under two names
+
+        def forward(self, x):
+            return self.alias(self.b(self.a(self.conv(x).mean((2, 3)))))
+
+    m = Net()
+    w, bias = m.a.weight, m.a.bias
+    saq.quantize_model(m, 4, 4)
+    assert isinstance(m.a, saq.nn.QLinear) and isinstance(m.b, saq.nn.QLinear)
+    assert m.a.weight is w and m.b.weight is w and m.a.bias is bias  # the same Parameters
+    assert m.alias is m.head and isinstance(m.head, saq.nn.QLinear)
+    assert m(torch.randn(2, 1, 6, 6)).shape == (2, 4)
+    # a refused argument leaves the model untouched: a corrected call converts it as usual
+    f = small_cnn()
+    with pytest.raises(ValueError, match="bits_weights=9"):
+        saq.quantize_model(f, 9, 4)
+    assert not saq.quantized_layers(f)
+    saq.quantize_model(f, 4, 4)
+    bits = [(layer.bits_weights, layer.bits_activations) for _, layer in saq.quantized_layers(f)]
+    assert bits[0] == (8, 32) and bits[-1] == (8, 8)
+
+
 def test_per_channel_lsq_and_refusal_for_liq():
     m = saq.quantize_model(small_cnn(), 4, 4, quantizer="lsq", per_channel=True)
     assert m[3].weight_scale.shape == (8,)

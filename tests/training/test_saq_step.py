@@ -292,3 +292,26 @@ def test_bad_arguments():
         saq.SAQ(net, torch.optim.SGD(net.parameters(), lr=0.1), case=4)
     with pytest.raises(RuntimeError, match="closure"):
         saq.SAQ(net, torch.optim.SGD(net.parameters(), lr=0.1)).step()
+
+
+@pytest.mark.parametrize("case", [1, 2, 3])
+def test_frozen_and_unoptimized_layers_are_not_perturbed(case):
+    # SAM perturbs what is trained (the base optimizer's parameters that require grad), as the
+    # reference's loop over param_groups: Case 3's dL/dQ(w) capture used to perturb a frozen
+    # layer, and any case one left out of the optimizer
+    torch.manual_seed(0)
+    m = saq.quantize_model(saq.models.get_model("digits_cnn", 10), 4, 4)
+    m.conv2.weight.requires_grad_(False)
+    trained = [p for n, p in m.named_parameters() if p.requires_grad and not n.startswith("conv1.")]
+    opt = saq.SAQ(m, torch.optim.SGD(trained, lr=0.1), rho=0.1, case=case)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    w1, w2 = m.conv1.weight.detach().clone(), m.conv2.weight.detach().clone()
+    F.cross_entropy(m(x), y).backward()
+    opt.ascent_step()
+    assert m.conv1._saq_e is None and m.conv2._saq_e is None
+    assert torch.equal(m.conv1.weight, w1) and torch.equal(m.conv2.weight, w2)
+    assert m.conv1.bias not in opt._backups and m.conv1.activation_clip_value not in opt._backups
+    assert m.fc._saq_e is not None and m.fc.bias in opt._backups  # the trained ones are
+    F.cross_entropy(m(x), y).backward()
+    opt.descent_step()
+    assert torch.equal(m.conv2.weight, w2)
