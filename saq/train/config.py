@@ -11,6 +11,7 @@ arguments finishes in well under a minute (numbers beside DATASET_DEFAULTS); the
 reference recipes of docs/SAQ.md section 4.
 """
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Optional, Tuple
@@ -218,6 +219,12 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.max_steps is None or cfg.max_steps >= 1, "--max-steps must be >= 1")
     need(cfg.warmup_epochs >= 0, "--warmup-epochs must be >= 0")
     need(cfg.ascent_every >= 1, f"--ascent-every must be >= 1, got {cfg.ascent_every}")
+    need(cfg.momentum >= 0, f"--momentum must be >= 0, got {cfg.momentum}")
+    need(cfg.weight_decay is None or cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    need(not cfg.per_channel or cfg.quantizer in ("lsq", "lsq+"),
+         f"--per-channel needs --quantizer lsq or lsq+ (per-channel weight scales), got {cfg.quantizer!r}")
+    need(cfg.out is None or not os.path.exists(cfg.out) or os.path.isdir(cfg.out),
+         f"--out {cfg.out!r} is an existing file; name a folder")
 
 
 def preset_table() -> str:

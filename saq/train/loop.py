@@ -556,6 +556,10 @@ def evaluate_checkpoint(path: str, dataset: Optional[str] = None, data_root: Opt
     top1, top5 (%), samples, epoch."""
     from saq.data import make_loaders
 
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     ck = ckpt_mod.load_checkpoint(path)
     cfg = TrainConfig.from_dict(ck["config"])
     over = {k: v for k, v in dict(dataset=dataset, data_root=data_root, batch_size=batch_size,

@@ -85,6 +85,26 @@ def test_preset_values_and_explicit_override(tmp_path):
                             "imagenet-resnet18-w4a4"}
 
 
+@pytest.mark.parametrize("argv,msg", [
+    (["train", "--per-channel"], "--per-channel needs --quantizer lsq or lsq+"),
+    (["train", "--momentum", "-1"], "--momentum must be >= 0"),
+    (["train", "--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["eval", "--checkpoint", "x.pt", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["eval", "--checkpoint", "x.pt", "--device", "gpu"], "--device must be auto, cpu, cuda"),
+])
+def test_bad_values_are_one_line_exit_2(argv, msg, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+def test_out_naming_a_file_is_refused(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert main(["train", "--out", str(f)]) == 2
+    assert "is an existing file" in capsys.readouterr().err
+
+
 def test_step_schedule_never_decays_at_epoch_0(tmp_path):
     def ms(epochs):
         return build_config({"scheduler": "step", "epochs": epochs, "out": str(tmp_path)}).milestones
