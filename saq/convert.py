@@ -11,7 +11,6 @@ from __future__ import annotations
 import fnmatch
 from typing import Iterable, List, Optional, Tuple
 
-import torch
 import torch.nn as nn
 
 from .nn import QUANTIZERS, QConv2d, QLinear, QuantLayer, fold_relus
