@@ -412,7 +412,8 @@ def test_backward_grid_fits_cuda_limits(C, inner, outer):
     assert bc * bk <= tfq.BLOCK
 
 
-@pytest.mark.skipif(not _CUDA, reason="70,000 x 1024 elements: too many for the interpreter")
+@pytest.mark.gpu  # 70,000 x 1024 elements: too many for the interpreter (deselected on the CPU)
+@pytest.mark.skipif(not _CUDA, reason="needs a CUDA device")
 def test_backward_with_more_channels_than_grid_axis_1():
     # 70,000 channels of 1024 elements: one channel per tile, 70,000 channel tiles (> 65535)
     x = _rand((70_000, 1024), torch.float32, seed=3)
