@@ -10,8 +10,9 @@ Selection, per call:
    backward pass runs in a thread with no block of its own, the most recently entered block
    still open in any thread (PyTorch runs the backward pass of CUDA tensors on its own
    per-device thread, which must see the block its caller's ``loss.backward()`` runs in); else
-   the ``SAQ_BACKEND`` environment variable. It must be available and support the input, or the call raises with the
-   reason (no silent fallback: a user who asked for "triton" must not get the reference).
+   the ``SAQ_BACKEND`` environment variable. It must be available and support the input, or
+   the call raises with the reason (no silent fallback: a user who asked for "triton" must not
+   get the reference).
 2. otherwise the first backend that is available and supports it, in the order measured for this
    device type, op and dtype (measured_order.py, written by benchmarks/choose_defaults.py from the
    recorded benchmarks), then in the device type's default order; the reference supports
