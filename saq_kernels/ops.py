@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils import _python_dispatch
 
 from . import validate as _validate
+from .reference import _cdt  # compute dtype (fp64 for fp64 inputs, which the reference serves)
 from .backends import select
 from .validate import (
     check_backup_prefix,
@@ -38,12 +39,6 @@ __all__ = [
     "sam_restore_sgd_",
     "sam_restore_adamw_",
 ]
-
-
-def _grad_dtype(x: Tensor) -> torch.dtype:
-    """dtype of the scale / zero-point / clip gradients: fp32, fp64 for fp64 inputs (which the
-    reference serves, in fp64)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _impl(op: str, t: Tensor):
@@ -138,7 +133,7 @@ def _fake_quantize_backward(
 @_fake_quantize_backward.register_fake
 def _(grad, x, scale, zero_point, quant_min, quant_max, axis, grad_factor, e, s, before,
       relu=False):
-    gdt = _grad_dtype(x)
+    gdt = _cdt(x)
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(scale, dtype=gdt),
@@ -275,7 +270,7 @@ def _liq_quantize_backward(
 def _(grad, x, clip, bits, signed, standardize, e, s, before, relu=False):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
-        torch.empty_like(clip, dtype=_grad_dtype(x)),
+        torch.empty_like(clip, dtype=_cdt(x)),
     )
 
 
@@ -337,7 +332,7 @@ def liq_quantize(
         check_perturbation(op, x, perturbation, perturb_scale)
         # as the quantizing path: x + s*e formed in fp32 (fp64 for fp64 x), rounded once; no
         # gradient for s
-        cd = _grad_dtype(x)
+        cd = _cdt(x)
         return (x.to(cd) + perturb_scale.detach().to(cd) * perturbation.to(cd)).to(x.dtype)
     native = _native_autograd(op, x)
     check_param(op, "clip", clip, x, None, positive=native is None, absolute=True)
@@ -378,7 +373,7 @@ def _grad_sq_norm(
 def _(grads, params, adaptive, eta):
     check_one_device("grad_sq_norm", grads=grads, params=params)
     dev = grads[0].device
-    dt = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+    dt = _cdt(grads[0])
     return (torch.empty((), device=dev, dtype=dt), torch.empty((), device=dev, dtype=dt))
 
 
