@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "w<wb>a<ab>-<timestamp>]")
     a.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint; auto = "
                    "<out>/last.pt if it exists")
+    a.add_argument("--overwrite", action="store_true", help="start a fresh run in an --out that "
+                   "already holds one (its checkpoints and metrics are replaced)")
     a.add_argument("--device", help=f"auto, cpu, cuda or cuda:N [{d.device}]")
     a.add_argument("--malloc-keep", choices=("auto", "on", "off"),
                    help="keep freed CPU blocks up to 256 MiB for reuse instead of returning them "

@@ -35,6 +35,7 @@ import saq_kernels as sk
 from .functional import dorefa_activation, dorefa_weight, pact_activation
 
 QUANTIZERS = ("liq", "lsq", "lsq+", "pact", "dorefa")
+_INIT_KEY = "quant_initialized"  # state-dict entry: has the first-batch init run?
 
 
 def _check_bits(name: str, bits: int) -> int:
@@ -234,6 +235,10 @@ class QuantLayer:
         elif q == "pact":
             self.activation_clip_value.copy_((x.detach().abs().max().float().clamp_min(1e-3) * 0.8).reshape(1))
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + _INIT_KEY] = torch.tensor(bool(self.quant_initialized))
+
     def _maybe_init(self, x: Tensor) -> None:
         if not self.quant_initialized and self.training:
             self._init_from_data(torch.relu(x) if self.input_relu else x)
@@ -247,12 +252,24 @@ class QuantLayer:
 
 
 def _mark_initialized(module, state_dict, prefix, *args, **kwargs):
-    # A state dict that carries the quantizer parameters (ours, or the reference code's) has
-    # already been initialized: do not overwrite it with first-batch statistics.
-    for key in ("weight_clip_value", "activation_clip_value", "weight_scale", "activation_scale"):
-        if prefix + key in state_dict:
-            module.quant_initialized = True
-            return
+    # Our state dicts say whether the data-driven init has run ("<prefix>quant_initialized", a
+    # bool tensor written by _save_to_state_dict), so one saved before the first training batch
+    # keeps its placeholders *and* its pending init. The entry is taken out here (it is not a
+    # buffer: no device moves, no DDP broadcast, no host read in forward), so strict loading
+    # does not call it unexpected. A state dict without it (the reference code's, or one saved
+    # before saq wrote it) that carries quantizer parameters was trained: do not overwrite them
+    # with first-batch statistics.
+    flag = state_dict.pop(prefix + _INIT_KEY, None)
+    if flag is not None:
+        if not (isinstance(flag, Tensor) and flag.numel() == 1):
+            raise ValueError(
+                f"{type(module).__name__}.load_state_dict: {prefix + _INIT_KEY!r} must be the "
+                f"one-element tensor state_dict() writes, got {flag!r}")
+        module.quant_initialized = bool(flag.item())
+        return
+    if any(prefix + k in state_dict for k in
+           ("weight_clip_value", "activation_clip_value", "weight_scale", "activation_scale")):
+        module.quant_initialized = True
 
 
 class QConv2d(QuantLayer, nn.Conv2d):

@@ -151,6 +151,11 @@ class SAQ(Optimizer):
         self._acc: Dict[Tensor, Tensor] = {}  # accumulated descent gradients (micro-batches)
         self._acc_inf: Optional[Tensor] = None  # their ascents' non-finite flags, summed
         self._last: Optional[dict] = None  # last perturbation, for ascent_every > 1
+        # where the step stands: an ascent (or a reused perturbation) awaits its descent; micro-
+        # batches were accumulated. descent_step() needs one of them (a second call would step
+        # with zeroed gradients and count a step that never happened).
+        self._ascended = False
+        self._accumulated = False
         self.steps = 0
         self._set_capture(True)
 
@@ -241,6 +246,7 @@ class SAQ(Optimizer):
         points = [pt for _, _, pt in entries] + [p.detach() for p, _ in small]
         flags = [self.adaptive] * len(entries) + [self.adaptive and a for _, a in small]
         self._set_capture(False)
+        self._ascended = True
         if not grads:
             self.zero_grad(set_to_none=True)
             return
@@ -287,6 +293,7 @@ class SAQ(Optimizer):
                 p.add_(d)
             self._perturbed = params
         self._found_inf = None
+        self._ascended = True
         self.zero_grad(set_to_none=True)
 
     def _all_reduce_mean(self, grads: List[Tensor], n_captured: int) -> List[Tensor]:
@@ -328,6 +335,7 @@ class SAQ(Optimizer):
             self._perturbed = []
         self._clear_perturbation()
         self._found_inf = None
+        self._ascended = False
         self._set_capture(True)
 
     @_eager
@@ -340,8 +348,14 @@ class SAQ(Optimizer):
         descent_step() then steps once with the accumulated sum (divide each micro-batch's loss
         by their number, as in plain accumulation; the perturbation does not depend on it).
         """
+        if not self._ascended:
+            raise RuntimeError(
+                "saq.SAQ.accumulate: no ascent for this micro-batch; call ascent_step() after its "
+                "pass-1 backward and accumulate() after its pass-2 backward"
+            )
         found_inf = self._found_inf
         self.restore_step()
+        self._accumulated = True
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is None:
@@ -373,6 +387,11 @@ class SAQ(Optimizer):
         With a GradScaler: unscale, skip on inf/NaN (from either pass) exactly as
         ``grad_scaler.step`` does, then ``grad_scaler.update()``.
         """
+        if not (self._ascended or self._accumulated):
+            raise RuntimeError(
+                "saq.SAQ.descent_step: no ascent since the last step; call ascent_step() after "
+                "pass 1's backward (or reuse_perturbation() in the efficient mode) before pass 2"
+            )
         if self._acc:
             self._found_inf = self._acc_inf
             for p, g in self._acc.items():
@@ -403,6 +422,7 @@ class SAQ(Optimizer):
             scaler.update()
         self._clear_perturbation()
         self._found_inf = None
+        self._ascended = self._accumulated = False
         self.steps += 1
         self.zero_grad(set_to_none=True)
         self._set_capture(True)

@@ -74,6 +74,7 @@ class TrainConfig:
     # run
     out: Optional[str] = None
     resume: Optional[str] = None
+    overwrite: bool = False
     device: str = "auto"
     malloc_keep: str = "auto"
     seed: int = 0

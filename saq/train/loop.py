@@ -54,7 +54,7 @@ __all__ = ["build_config", "build_model", "param_groups", "build_optimizer", "bu
 CLIP_SUFFIXES = ("clip_value", "_scale", "_zero_point")
 # Options of one invocation, reset to their defaults (not taken from the checkpoint) on resume.
 RUN_LOCAL_FIELDS = ("max_steps", "progress", "log_every", "device", "workers", "compile",
-                    "malloc_keep")
+                    "malloc_keep", "overwrite")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -67,7 +67,9 @@ def build_config(explicit: Dict[str, Any]) -> TrainConfig:
     config, with explicit options on top (RUN_LOCAL_FIELDS such as --max-steps are not
     inherited); changing an option that fixes the model or optimizer
     layout (STRUCTURAL_FIELDS) raises ConfigError. ``out`` defaults to the checkpoint's folder.
-    --resume auto without a last.pt starts a fresh run in --out.
+    --resume auto without a last.pt starts a fresh run in --out. A fresh run into a folder that
+    holds a run's last.pt raises ConfigError unless ``overwrite`` is set (its checkpoints would be
+    replaced an epoch later).
     """
     explicit = dict(explicit)
     resume, out = explicit.get("resume"), explicit.get("out")
@@ -82,6 +84,10 @@ def build_config(explicit: Dict[str, Any]) -> TrainConfig:
             raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint file")
         path = resume
     if path is None:
+        if out and not explicit.get("overwrite") and os.path.isfile(os.path.join(out, "last.pt")):
+            raise ConfigError(
+                f"--out {out!r} already holds a run ({os.path.join(out, 'last.pt')}); continue it "
+                "with --resume auto, start over with --overwrite, or name another folder")
         explicit.pop("resume", None)
         cfg = resolve(apply_overrides(TrainConfig(), explicit), explicit)
         if cfg.out is None:

@@ -156,6 +156,18 @@ def test_resume_refuses_structural_change(smoke_run, capsys):
     assert "wbits=4" in err and "wbits=3" in err
 
 
+def test_fresh_run_into_a_used_out_needs_resume_or_overwrite(smoke_run, capsys):
+    before = (smoke_run / "last.pt").read_bytes()
+    assert main(["train", "--out", str(smoke_run), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("saq train: error: --out") and "--resume auto" in err and "--overwrite" in err
+    assert (smoke_run / "last.pt").read_bytes() == before  # nothing touched
+    cfg = build_config({"out": str(smoke_run), "overwrite": True})
+    assert cfg.out == str(smoke_run) and cfg.resume is None
+    # --overwrite is a per-invocation option: a later --resume does not inherit it
+    assert build_config({"out": str(smoke_run), "resume": "auto", "overwrite": True}).resume
+
+
 def test_eval_missing_checkpoint(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "nope.pt" in capsys.readouterr().err

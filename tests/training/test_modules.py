@@ -152,16 +152,63 @@ def test_liq_reference_names_and_init():
     assert conv.weight_clip_value.item() == 1.0 and conv.activation_clip_value.item() == 1.0
 
 
-def test_loading_a_state_dict_skips_first_batch_init():
-    src = QLinear(6, 4, bits_weights=4, bits_activations=4)
+def _liq_with_clips(w, a, initialized):
+    m = QLinear(6, 4, bits_weights=4, bits_activations=4)
     with torch.no_grad():
-        src.weight_clip_value.fill_(0.123)
-        src.activation_clip_value.fill_(0.456)
+        m.weight_clip_value.fill_(w)
+        m.activation_clip_value.fill_(a)
+    m.quant_initialized = initialized
+    return m
+
+
+def test_loading_an_initialized_state_dict_skips_first_batch_init():
+    src = _liq_with_clips(0.123, 0.456, initialized=True)
     dst = QLinear(6, 4, bits_weights=4, bits_activations=4)
     dst.load_state_dict(src.state_dict())
+    assert dst.quant_initialized
     dst(torch.randn(3, 6) * 10)
     assert dst.weight_clip_value.item() == pytest.approx(0.123)
     assert dst.activation_clip_value.item() == pytest.approx(0.456)
+
+
+def test_state_dict_saved_before_the_first_batch_keeps_the_init_pending():
+    # a snapshot taken before training (placeholders in it) must load as "not initialized yet",
+    # so the loaded model runs the same first-batch init the source would have run
+    src = _liq_with_clips(0.123, 0.456, initialized=False)
+    dst = _liq_with_clips(0.5, 0.5, initialized=True)
+    sd = src.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())  # EMA / safetensors code relies on it
+    dst.load_state_dict(sd)
+    assert not dst.quant_initialized
+    x = torch.randn(3, 6) * 10
+    dst(x)
+    src(x)
+    assert dst.quant_initialized
+    torch.testing.assert_close(dst.activation_clip_value, x.abs().max().reshape(1) * 0.8)
+    torch.testing.assert_close(dst.activation_clip_value, src.activation_clip_value)
+
+
+def test_state_dict_without_the_init_flag_loads_strictly_as_trained():
+    # the reference code's checkpoints (and older saq ones) have clip values but no init flag
+    src = _liq_with_clips(0.123, 0.456, initialized=False)
+    sd = {k: v for k, v in src.state_dict().items() if k != "quant_initialized"}
+    dst = QLinear(6, 4, bits_weights=4, bits_activations=4)
+    dst.load_state_dict(sd)  # strict: no missing key
+    assert dst.quant_initialized
+    dst(torch.randn(3, 6) * 10)
+    assert dst.activation_clip_value.item() == pytest.approx(0.456)
+    # and a float layer's dict (no quantizer parameters) leaves the init pending
+    f = QLinear(6, 4, bits_weights=4, bits_activations=4)
+    f.load_state_dict({"weight": src.weight.detach(), "bias": src.bias.detach()}, strict=False)
+    assert not f.quant_initialized
+
+
+def test_bad_init_flag_is_refused():
+    dst = QLinear(6, 4, bits_weights=4, bits_activations=4)
+    sd = dst.state_dict()
+    sd["quant_initialized"] = "yes"
+    with pytest.raises(ValueError, match="QLinear.load_state_dict: 'quant_initialized'"):
+        dst.load_state_dict(sd)
 
 
 def test_float_checkpoint_loads_into_quantized_model_non_strict():

@@ -294,6 +294,40 @@ def test_bad_arguments():
         saq.SAQ(net, torch.optim.SGD(net.parameters(), lr=0.1)).step()
 
 
+def test_steps_out_of_order_raise():
+    net = make_net()
+    opt = saq.SAQ(net, torch.optim.SGD(net.parameters(), lr=LR), rho=RHO)
+    x, y = torch.randn(4, 2, 6, 6, dtype=DT).abs(), torch.randint(0, 3, (4,))
+    with pytest.raises(RuntimeError, match="descent_step: no ascent"):
+        opt.descent_step()
+    with pytest.raises(RuntimeError, match="accumulate: no ascent"):
+        opt.accumulate()
+    _loss_backward(net, x, y)
+    opt.ascent_step()
+    with pytest.raises(RuntimeError, match="ascent_step: already perturbed"):
+        opt.ascent_step()
+    _loss_backward(net, x, y)
+    opt.descent_step()
+    w = net.conv.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="descent_step: no ascent"):
+        opt.descent_step()  # a second descent would count a step that never happened
+    assert opt.steps == 1 and torch.equal(net.conv.weight, w)
+    # restore_step ends the step without an update: no descent may follow it
+    _loss_backward(net, x, y)
+    opt.ascent_step()
+    opt.restore_step()
+    with pytest.raises(RuntimeError, match="descent_step: no ascent"):
+        opt.descent_step()
+    # accumulated micro-batches may end with descent_step() and no gradient of their own
+    for _ in range(2):
+        _loss_backward(net, x, y)
+        opt.ascent_step()
+        _loss_backward(net, x, y)
+        opt.accumulate()
+    opt.descent_step()
+    assert opt.steps == 2 and not torch.equal(net.conv.weight, w)
+
+
 @pytest.mark.parametrize("case", [1, 2, 3])
 def test_frozen_and_unoptimized_layers_are_not_perturbed(case):
     # SAM perturbs what is trained (the base optimizer's parameters that require grad), as the
