@@ -742,7 +742,8 @@ def quantizer_params(providers: Sequence[Tuple[str, Optional[str]]],
                      modes_for: Callable[[Shape, str], Sequence[str]]) -> list:
     """pytest params (provider, mode, shape, dtype) of a quantizer suite, in run order: dtype,
     then shape (sizes in the suite's order -- ascending, but largest first in the GPU short suite
-    -- then layers), then provider, then mode, so that consecutive cases share inputs. A provider unavailable here is kept as a skipped param carrying the reason."""
+    -- then layers), then provider, then mode, so that consecutive cases share inputs. A provider
+    unavailable here is kept as a skipped param carrying the reason."""
     out = []
     for dtype in CFG.dtypes:
         for shape in CFG.shapes:
