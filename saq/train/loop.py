@@ -322,10 +322,11 @@ class _Stepper:
             opt.descent_step(grad_scaler=scaler)
             return out.detach(), loss.detach()
         # pass 1 (ascent): under DDP no gradient all-reduce (the reference code's choice) unless
-        # --sync-ascent; SAQ unscales (fp16) before the norm.
+        # --sync-ascent; SAQ unscales (fp16) before the norm. The forward runs inside no_sync()
+        # too: DDP arms its all-reduce for the backward at forward time.
         local = self.ddp is not None and not self.cfg.sync_ascent
-        out, loss = self._loss(x, y)
         with self.ddp.no_sync() if local else contextlib.nullcontext():
+            out, loss = self._loss(x, y)
             self._backward(loss)
         opt.ascent_step(grad_scaler=scaler)
         # pass 2 (descent) at the perturbed point, all-reduced under DDP

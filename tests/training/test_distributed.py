@@ -69,12 +69,56 @@ def _worker(rank, port, sync, out):
     dist.destroy_process_group()
 
 
-def _run(tmp_path, sync):
+def _loop_worker(rank, port, out):
+    """One step of the training loop's own stepper: the ascent must see local gradients."""
+    import types
+
+    from saq.train.loop import _Stepper
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    x, y = _data()[0]
+    x, y = x[rank * B:(rank + 1) * B], y[rank * B:(rank + 1) * B]
+    local = _model(bn=True)
+    F.cross_entropy(local(x), y).backward()
+    model = _model(bn=True)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = saq.SAQ(ddp, base, rho=0.3)
+    seen = {}
+    ascent = opt.ascent_step
+
+    def spy(*args, **kwargs):
+        seen.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return ascent(*args, **kwargs)
+
+    opt.ascent_step = spy
+    cfg = types.SimpleNamespace(method="saq", amp="none", sync_ascent=False)
+    _Stepper(cfg, ddp, ddp, opt, base, None, torch.device("cpu")).step(x, y)
+    torch.save({"seen": seen, "local": {n: p.grad for n, p in local.named_parameters() if p.grad is not None}},
+               os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _run(tmp_path, sync, worker=None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, sync, str(tmp_path)), nprocs=2, join=True)
+    if worker is None:
+        mp.spawn(_worker, args=(port, sync, str(tmp_path)), nprocs=2, join=True)
+    else:
+        mp.spawn(worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+def test_training_loop_ascent_uses_local_gradients(tmp_path):
+    # DDP arms the all-reduce at forward time: the loop's pass-1 forward must be inside no_sync()
+    for r in _run(tmp_path, sync=False, worker=_loop_worker):
+        assert set(r["seen"]) == set(r["local"])
+        for n, g in r["seen"].items():
+            assert torch.equal(g, r["local"][n]), n
 
 
 def test_default_ascent_keeps_replicas_identical(tmp_path):
