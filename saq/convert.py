@@ -2,7 +2,8 @@
 
 The reference recipe's first/last layer handling is the default: the first conv gets 8-bit weights
 and a float (unquantized) input, the last linear gets 8-bit weights and 8-bit inputs, every other
-conv/linear (shortcuts included) the target bits. The quantized layers take over the float layers'
+conv/linear (shortcuts included) the target bits. A model without convs (an MLP) treats its first
+linear as the first layer (a single linear is first and last: 8-bit weights, float input). The quantized layers take over the float layers'
 weight and bias Parameters (tied weights stay tied), so a full-precision checkpoint can be loaded
 before (into the float model) or after (strict=False for the new quantizer parameters) conversion.
 """
@@ -83,8 +84,9 @@ def quantize_model(
         weight_bits, act_bits: target bits (2..8, 32 = off) for all layers but the first/last.
         quantizer: "liq" (SAQ reference), "lsq", "lsq+", "pact" or "dorefa".
         per_channel: one weight scale per output channel (LSQ / LSQ+).
-        first_last_bits: bits of the first conv's weights (its input stays float) and of the last
-            linear's weights and input, as the reference recipe does. None: no special case.
+        first_last_bits: bits of the first conv's weights (its input stays float; the first
+            linear in a model without convs) and of the last linear's weights and input, as the
+            reference recipe does. None: no special case.
         skip: layer names or fnmatch patterns left in floating point (not quantized, not perturbed
             by SAQ).
         standardize: LIQ weight standardization for convs (the reference's default).
@@ -104,7 +106,9 @@ def quantize_model(
     skip = list(skip)
     convs = [n for n, m in layers if isinstance(m, nn.Conv2d)]
     linears = [n for n, m in layers if isinstance(m, nn.Linear)]
-    first = convs[0] if convs else None
+    # module order; the reference code's first layer is its stem conv. Without convs the input
+    # layer is the first linear (quantizing an MLP's raw, signed input as unsigned would zero it).
+    first = convs[0] if convs else linears[0]
     last = linears[-1] if linears else None
     kw = dict(quantizer=quantizer, per_channel=per_channel, standardize=standardize, signed_activations=signed_activations)
     # every new layer is built before the model is touched: a refused argument (bits 9, say)

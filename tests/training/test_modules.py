@@ -28,6 +28,20 @@ def test_quantize_model_first_last_handling():
     assert [(l.bits_weights, l.bits_activations) for _, l in saq.quantized_layers(m2)] == [(4, 4)] * 3
 
 
+def test_quantize_model_mlp_first_linear_keeps_a_float_input():
+    torch.manual_seed(0)
+    mlp = saq.quantize_model(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                                           nn.Linear(8, 3)), 3, 4)
+    bits = [(l.bits_weights, l.bits_activations) for _, l in saq.quantized_layers(mlp)]
+    assert bits == [(8, 32), (3, 4), (8, 8)]
+    x = torch.tensor([[-1.0, -2.0, 0.5, 1.0]])
+    mlp(x)  # first-batch init
+    f = nn.functional.linear(x, mlp[0].quantize_weight(), mlp[0].bias)
+    torch.testing.assert_close(mlp[0](x), f)  # negative inputs reach the layer unclipped
+    single = saq.quantize_model(nn.Sequential(nn.Linear(4, 2)), 4, 4)
+    assert (single[0].bits_weights, single[0].bits_activations) == (8, 32)
+
+
 def test_conversion_keeps_weights_and_float_equivalence_at_32_bits():
     f = small_cnn()
     x = torch.randn(2, 3, 8, 8)
