@@ -97,6 +97,13 @@ class FusedStep:
             bk = [backups[i] for i in idx if i < nb]
             bufs = [self.base.state[p]["momentum_buffer"] for p in ps]
             self._sgd_call(group, ps, bk, bufs, flag, lr, found_inf)
+        # A skipped first step must leave no buffer, as torch (which never stepped) leaves none:
+        # the next step is then the first (buf = d). With dampening 0 a zero buffer gives the
+        # same numbers (0 * momentum + d); otherwise ask the host, on first steps only.
+        if any(new) and found_inf is not None and group["dampening"] != 0 and bool(found_inf.item()):
+            for p, is_new in zip(params, new):
+                if is_new:
+                    del self.base.state[p]["momentum_buffer"]
 
     def _sgd_call(self, group, params, backups, bufs, first, lr, found_inf) -> None:
         sk.sam_restore_sgd_(

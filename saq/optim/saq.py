@@ -70,6 +70,17 @@ def _eager(fn):
 
     return wrapper
 
+def _either(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    """The non-finite flags a OR b, as 0.0 / 1.0 on a's device (None: no flag).
+
+    Flags are combined this way, never summed: torch's fused optimizers skip a step only when
+    their found_inf is exactly 1.0 (a 2.0 from two overflows would write inf into the weights).
+    """
+    if a is None or b is None:
+        return b if a is None else a
+    return torch.maximum(a > 0, b.to(a.device) > 0).to(a.dtype)
+
+
 _BN = nn.modules.batchnorm._BatchNorm
 _ACLIP = ("activation_clip_value", "activation_scale", "activation_zero_point")
 _WCLIP = ("weight_clip_value", "weight_scale")
@@ -149,7 +160,7 @@ class SAQ(Optimizer):
         self._skipped: Optional[Tensor] = None  # device counter
         self._skipped_seen = 0
         self._acc: Dict[Tensor, Tensor] = {}  # accumulated descent gradients (micro-batches)
-        self._acc_inf: Optional[Tensor] = None  # their ascents' non-finite flags, summed
+        self._acc_inf: Optional[Tensor] = None  # their ascents' non-finite flags, OR-ed
         self._last: Optional[dict] = None  # last perturbation, for ascent_every > 1
         # where the step stands: an ascent (or a reused perturbation) awaits its descent; micro-
         # batches were accumulated. descent_step() needs one of them (a second call would step
@@ -245,6 +256,16 @@ class SAQ(Optimizer):
         grads = [g for _, g, _ in entries] + [p.grad for p, _ in small]
         points = [pt for _, _, pt in entries] + [p.detach() for p, _ in small]
         flags = [self.adaptive] * len(entries) + [self.adaptive and a for _, a in small]
+        # Cases 1/2: a weight shared by several layers enters the norm once (its gradient is the
+        # parameter's); each of those layers is still perturbed. Case 3's dL/dQ(w) are per layer.
+        norm_idx = list(range(len(grads)))
+        if self.case != 3:
+            seen, norm_idx = set(), []
+            for i, (m, _, _) in enumerate(entries):
+                if id(m.weight) not in seen:
+                    seen.add(id(m.weight))
+                    norm_idx.append(i)
+            norm_idx += list(range(len(entries), len(grads)))
         self._set_capture(False)
         self._ascended = True
         if not grads:
@@ -255,7 +276,8 @@ class SAQ(Optimizer):
             grads = [g * inv.to(g.device, g.dtype) for g in grads]
         if self.sync_ascent:
             grads = self._all_reduce_mean(grads, len(entries))
-        norm_sq, found_inf = sk.grad_sq_norm(grads, points, flags, self.eta)
+        norm_sq, found_inf = sk.grad_sq_norm([grads[i] for i in norm_idx], [points[i] for i in norm_idx],
+                                             [flags[i] for i in norm_idx], self.eta)
         skip = found_inf > 0
         scale = torch.where(skip, 0.0, self.rho / (norm_sq.sqrt() + 1e-12))
         # where(skip, 0, g): a skipped step must not see 0 * inf = NaN in its perturbation.
@@ -366,7 +388,7 @@ class SAQ(Optimizer):
                     self._acc[p] = p.grad
                 p.grad = None
         if found_inf is not None:
-            self._acc_inf = found_inf if self._acc_inf is None else self._acc_inf + found_inf
+            self._acc_inf = _either(self._acc_inf, found_inf)
 
     def _pass2_found_inf(self) -> Optional[Tensor]:
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -393,7 +415,9 @@ class SAQ(Optimizer):
                 "pass 1's backward (or reuse_perturbation() in the efficient mode) before pass 2"
             )
         if self._acc:
-            self._found_inf = self._acc_inf
+            # the earlier micro-batches' ascent flags and, when this one was not accumulated,
+            # its own
+            self._found_inf = _either(self._acc_inf, self._found_inf)
             for p, g in self._acc.items():
                 if p.grad is not None:
                     g.add_(p.grad)
@@ -406,7 +430,7 @@ class SAQ(Optimizer):
         if self.check_finite and scaler is None:
             f2 = self._pass2_found_inf()
             if f2 is not None:
-                found_inf = f2 if found_inf is None else found_inf + f2
+                found_inf = _either(found_inf, f2)
         if scaler is not None:
             self._merge_into_scaler(scaler, found_inf)
             found_inf = self._scaler_found_inf(scaler)
@@ -434,12 +458,14 @@ class SAQ(Optimizer):
             return
         state = scaler._per_optimizer_states[id(self.base_optimizer)]
         for dev, flag in state["found_inf_per_device"].items():
-            flag.add_(found_inf.to(flag.device, flag.dtype))
+            flag.copy_(_either(flag, found_inf))
 
     def _scaler_found_inf(self, scaler) -> Tensor:
         flags = list(scaler._per_optimizer_states[id(self.base_optimizer)]["found_inf_per_device"].values())
-        dev = flags[0].device
-        return sum(f.to(dev) for f in flags)
+        out = flags[0]
+        for f in flags[1:]:
+            out = _either(out, f)
+        return out
 
     def _base_step(self, found_inf: Optional[Tensor], scaler) -> None:
         base = self.base_optimizer
@@ -450,7 +476,7 @@ class SAQ(Optimizer):
             base.step()
         elif getattr(base, "_step_supports_amp_scaling", False):
             # torch's fused optimizers read a device found_inf, as GradScaler passes it: no sync
-            base.grad_scale, base.found_inf = None, found_inf.float()
+            base.grad_scale, base.found_inf = None, (found_inf > 0).float()
             try:
                 base.step()
             finally:

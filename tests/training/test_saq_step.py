@@ -227,25 +227,28 @@ def _base(kind, params):
         return torch.optim.SGD(params, lr=LR, momentum=MOM)
     if kind == "sgd_torch_fused":
         return torch.optim.SGD(params, lr=LR, momentum=MOM, fused=True)
+    if kind == "adam_torch_fused":
+        return torch.optim.Adam(params, lr=LR, fused=True)
     return torch.optim.RMSprop(params, lr=LR)
 
 
-@pytest.mark.parametrize("kind,fused", [("sgd", None), ("sgd", False), ("sgd_torch_fused", False), ("rmsprop", None)])
-@pytest.mark.parametrize("where", ["pass1", "pass2"])
+@pytest.mark.parametrize("kind,fused", [("sgd", None), ("sgd", False), ("sgd_torch_fused", False),
+                                        ("adam_torch_fused", None), ("rmsprop", None)])
+@pytest.mark.parametrize("where", ["pass1", "pass2", "both"])
 def test_nonfinite_gradient_skips_step_and_counts(kind, fused, where):
     net = make_net()
     opt = saq.SAQ(net, _base(kind, net.parameters()), rho=RHO, fused=fused)
     params0 = {k: v.clone() for k, v in net.named_parameters()}
     x, y = torch.randn(4, 2, 6, 6, dtype=DT).abs(), torch.randint(0, 3, (4,))
     _loss_backward(net, x, y)
-    if where == "pass1":
+    if where in ("pass1", "both"):
         net.bn.weight.grad[0] = float("nan")
     opt.ascent_step()
-    if where == "pass1":  # no perturbation reaches the weights, no NaN reaches BN statistics
+    if where in ("pass1", "both"):  # no perturbation reaches the weights, no NaN reaches BN statistics
         assert torch.count_nonzero(net.conv._saq_e) == 0
         assert torch.equal(net.bn.weight, params0["bn.weight"])
     _loss_backward(net, x, y)
-    if where == "pass2":
+    if where in ("pass2", "both"):  # both: torch's fused optimizers skip only on a flag of 1.0
         net.fc.weight.grad[0, 0] = float("inf")
     opt.descent_step()
     assert torch.isfinite(net.bn.running_mean).all() and torch.isfinite(net.bn.running_var).all()
@@ -257,6 +260,91 @@ def test_nonfinite_gradient_skips_step_and_counts(kind, fused, where):
     # the next, finite step goes through
     opt.step(lambda: _loss_backward(net, x, y))
     assert not torch.equal(net.fc.weight, params0["fc.weight"])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("poisoned", [0, 1, "both"])
+def test_accumulation_skips_on_any_micro_batch_ascent(fused, poisoned):
+    # micro-batch 1 is the last one: it ends with descent_step() instead of accumulate()
+    net = make_net()
+    base = torch.optim.Adam(net.parameters(), lr=LR, fused=True) if fused else torch.optim.SGD(net.parameters(), lr=LR)
+    opt = saq.SAQ(net, base, rho=RHO, check_finite=False)
+    params0 = {k: v.clone() for k, v in net.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    for i in range(2):
+        x, y = torch.randn(4, 2, 6, 6, dtype=DT, generator=g).abs(), torch.randint(0, 3, (4,), generator=g)
+        (F.cross_entropy(net(x), y) / 2).backward()
+        if poisoned in (i, "both"):
+            net.bn.weight.grad[0] = float("nan")
+        opt.ascent_step()
+        (F.cross_entropy(net(x), y) / 2).backward()
+        if i == 0:
+            opt.accumulate()
+    opt.descent_step()
+    for k, v in net.named_parameters():
+        assert torch.equal(v, params0[k]), k
+    with pytest.warns(RuntimeWarning, match="1 step\\(s\\) skipped"):
+        assert opt.skipped_steps == 1
+
+
+def test_gradscaler_with_a_torch_fused_optimizer_skips_overflow_in_both_passes():
+    net = make_net().float()
+    opt = saq.SAQ(net, torch.optim.SGD(net.parameters(), lr=LR, momentum=MOM, fused=True), rho=RHO, fused=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    params0 = {k: v.clone() for k, v in net.named_parameters()}
+    x, y = torch.randn(4, 2, 6, 6).abs(), torch.randint(0, 3, (4,))
+    scaler.scale(F.cross_entropy(net(x), y)).backward()
+    net.bn.weight.grad[0] = float("inf")
+    opt.ascent_step(grad_scaler=scaler)
+    scaler.scale(F.cross_entropy(net(x), y)).backward()
+    net.fc.weight.grad[0, 0] = float("inf")
+    opt.descent_step(grad_scaler=scaler)
+    for k, v in net.named_parameters():
+        assert torch.equal(v, params0[k]), k
+    assert scaler.get_scale() == 2.0**7
+
+
+def test_fused_sgd_after_a_skipped_first_step_matches_torch_with_dampening():
+    x, y = torch.randn(4, 2, 6, 6, dtype=DT).abs(), torch.randint(0, 3, (4,))
+    out = {}
+    for fused in (True, False):
+        net = make_net()
+        opt = saq.SAQ(net, torch.optim.SGD(groups(net), lr=LR, momentum=MOM, dampening=0.5), rho=RHO, fused=fused)
+        for poison in (True, False, False):
+            _loss_backward(net, x, y)
+            opt.ascent_step()
+            _loss_backward(net, x, y)
+            if poison:
+                net.fc.weight.grad[0, 0] = float("nan")
+            opt.descent_step()
+        with pytest.warns(RuntimeWarning):
+            assert opt.skipped_steps == 1
+        out[fused] = [p.detach().clone() for p in net.parameters()]
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("case", [1, 2])
+def test_cases_1_and_2_count_a_shared_weight_once_in_the_norm(case):
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight  # two layers, one weight (each its own bias)
+    float_net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), a, nn.ReLU(), b, nn.ReLU(), nn.Linear(4, 3)).double()
+    net = saq.quantize_model(float_net, 4, 4)
+    assert net[2] is not net[4] and net[2].weight is net[4].weight
+    x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
+    net(x)  # init
+    opt = saq.SAQ(net, torch.optim.SGD(net.parameters(), lr=LR), rho=RHO, case=case, include_aclip=False)
+    _loss_backward(net, x, y)
+    grads = {id(p): p.grad.clone() for p in net.parameters() if p.grad is not None}
+    weight_ids = {id(m.weight) for _, m in saq.quantized_layers(net)}
+    biases = [m.bias for _, m in saq.quantized_layers(net)]
+    norm = torch.sqrt(sum((grads[i] ** 2).sum() for i in weight_ids)
+                      + sum((grads[id(b)] ** 2).sum() for b in {id(b): b for b in biases}.values()))
+    opt.ascent_step()
+    torch.testing.assert_close(net[2]._saq_s, RHO / (norm + 1e-12))
+    assert net[4]._saq_e is not None  # both users of the shared weight are perturbed
+    opt.restore_step()
 
 
 def test_zero_gradient_gives_no_nan():
