@@ -429,6 +429,8 @@ def sam_perturb_(
     params, grads, backups = list(params), list(grads), list(backups)
     check_tensor_list(op, params=params, grads=grads, backups=backups)
     adaptive = [bool(a) for a in adaptive] if adaptive is not None else [False] * len(params)
+    if len(adaptive) != len(params):  # before anything is written: a short list fails half-way
+        raise ValueError(f"saq::{op}: 'adaptive' has {len(adaptive)} flags for {len(params)} params; pass one flag per tensor")
     if not params:
         return
     check_same_device(op, "scale", scale, params[0])

@@ -14,8 +14,12 @@ Program b of the single launch looks up its tensor and element range, casts the 
 (``int64 -> pointer<dtype>``) and runs the elementwise math. Per-step scalars (scale, lr,
 found_inf) are read from device memory, so nothing syncs with the host. Tables are cached by the
 identity of the tensors (data pointers, sizes, flags; LRU of ``_CACHE_SIZE`` entries): a cache hit
-costs no copy, a miss one pinned host-to-device copy. While a CUDA graph is being captured the
-per-tensor path below is used (see ``_use_table``).
+costs no copy, a miss one pinned host-to-device copy. The key includes the current CUDA stream:
+a table is copied and read on one stream, so a launch on another stream never reads a table whose
+copy it is not ordered after, and an evicted table is freed on the stream that used it. While a
+CUDA graph is being captured the per-tensor path below is used (see ``_use_table``); the first
+eager call of each op variant on a GPU runs per tensor too, which loads the kernels a later
+capture launches (Triton cannot load a kernel while a stream is capturing; see ``_launch``).
 
 Two paths, one math (the same @triton.jit kernels, ``TABLE`` constexpr):
 
@@ -86,6 +90,28 @@ _FINALIZE_BLOCK = 1024
 # ----------------------------------------------------------------------------------------------
 # table helpers (device side)
 # ----------------------------------------------------------------------------------------------
+def _per_tensor_jit(fn):
+    """triton.jit specialized only on the 16-byte alignment of the tensor arguments.
+
+    A CUDA-graph capture runs the per-tensor path, and Triton cannot load a newly compiled kernel
+    while a stream is capturing. Without value specialization of the integer arguments (sizes,
+    offsets, flags: ``== 1`` / ``% 16``) or alignment specialization of the 0-dim scalar
+    pointers (``*_ptr`` but the table), each op has one compiled kernel per set of constexprs and
+    alignment pattern of its tensor arguments (``*_arg``), which the host can tell from the data
+    pointers, so the eager calls before a capture load the kernels it will launch (``_launch``).
+    The alignment stays specialized: it is what lets Triton use vector access on a kernel
+    argument (``tl.multiple_of`` cannot mark one).
+    """
+    import inspect
+
+    names = [n for n, prm in inspect.signature(fn).parameters.items()
+             if prm.annotation is inspect.Parameter.empty or "constexpr" not in str(prm.annotation)]
+    data = [n for n in names if n == "tab_ptr" or (n.endswith("_arg") and n not in ("n_arg", "flag_arg"))]
+    scalar_ptrs = [n for n in names if n.endswith("_ptr") and n != "tab_ptr"]
+    values = [n for n in names if n not in data and n not in scalar_ptrs]
+    return triton.jit(fn, do_not_specialize=values, do_not_specialize_on_alignment=scalar_ptrs)
+
+
 @triton.jit
 def _mt_locate(tab_ptr, T, B, n_arg, flag_arg, L: tl.constexpr, TABLE: tl.constexpr,
                BLOCK: tl.constexpr):
@@ -115,7 +141,7 @@ def _mt_ptr(tab_ptr, T, t, arg_ptr, J: tl.constexpr, DT: tl.constexpr, TABLE: tl
             # every table pointer is 16-byte aligned (checked on the host): allows vector access
             p = tl.multiple_of(p, 16)
     else:
-        p = arg_ptr
+        p = arg_ptr  # Triton specializes a tensor argument on its 16-byte alignment
     return p
 
 
@@ -148,7 +174,7 @@ def _grad_sq_norm_block(g_ptr, p_ptr, offs, mask, adaptive, eta):
     return masked_sum(g * g, mask)
 
 
-@triton.jit
+@_per_tensor_jit
 def _grad_sq_norm_fwd_kernel(
     g_arg, p_arg, tab_ptr, T, B, n_arg, flag_arg, part_ptr, part_base, eta,
     G_DT: tl.constexpr, P_DT: tl.constexpr, TABLE: tl.constexpr, ALIGNED: tl.constexpr,
@@ -165,7 +191,7 @@ def _grad_sq_norm_fwd_kernel(
     tl.store(part_ptr + part_base + tl.program_id(0), part)
 
 
-@triton.jit
+@_per_tensor_jit
 def _grad_sq_norm_finalize_kernel(part_ptr, norm_ptr, found_ptr, P, BLOCK_P: tl.constexpr):
     acc = tl.zeros([BLOCK_P], dtype=tl.float32)
     for start in range(0, P, BLOCK_P):
@@ -191,7 +217,7 @@ def _sam_perturb_block(p_ptr, g_ptr, b_ptr, offs, mask, adaptive, s, DT: tl.cons
     tl.store(p_ptr + offs, to_dtype(p + e, DT), mask=mask)
 
 
-@triton.jit
+@_per_tensor_jit
 def _sam_perturb_fwd_kernel(
     p_arg, g_arg, b_arg, tab_ptr, T, B, n_arg, flag_arg, scale_ptr,
     DT: tl.constexpr, TABLE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
@@ -208,7 +234,7 @@ def _sam_perturb_fwd_kernel(
         _sam_perturb_block(p_ptr, g_ptr, b_ptr, offs, offs < n, adaptive, s, DT)
 
 
-@triton.jit
+@_per_tensor_jit
 def _sam_restore_fwd_kernel(
     p_arg, b_arg, tab_ptr, T, B, n_arg, flag_arg,
     DT: tl.constexpr, TABLE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
@@ -254,7 +280,7 @@ def _sam_restore_sgd_block(
     tl.store(p_ptr + offs, tl.where(go, to_dtype(new_p, DT), restored), mask=mask)
 
 
-@triton.jit
+@_per_tensor_jit
 def _sam_restore_sgd_fwd_kernel(
     p_arg, b_arg, g_arg, m_arg, tab_ptr, T, B, n_arg, flag_arg, lr_ptr, found_ptr,
     momentum, one_minus_dampening, weight_decay,
@@ -321,7 +347,7 @@ def _sam_restore_adamw_block(
     tl.store(p_ptr + offs, tl.where(go, to_dtype(new_p, DT), restored), mask=mask)
 
 
-@triton.jit
+@_per_tensor_jit
 def _sam_restore_adamw_fwd_kernel(
     p_arg, b_arg, g_arg, m_arg, v_arg, st_arg, tab_ptr, T, B, n_arg, flag_arg, lr_ptr,
     found_ptr, b1_hi, b1_lo, b2_hi, b2_lo, one_minus_b1, one_minus_b2, beta2, eps, weight_decay,
@@ -359,7 +385,7 @@ def _sam_restore_adamw_fwd_kernel(
                                  beta2, eps, DT, HAS_FOUND)
 
 
-@triton.jit
+@_per_tensor_jit
 def _sam_restore_adamw_steps_kernel(
     st_arg, tab_ptr, T, found_ptr, HAS_FOUND: tl.constexpr, TABLE: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -385,7 +411,7 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class _Group:
     """Tensor indices sharing the kernel's compile-time dtypes, with their blocks and table."""
 
-    __slots__ = ("idx", "dtypes", "numels", "block_base", "B", "table", "aligned")
+    __slots__ = ("idx", "dtypes", "numels", "block_base", "B", "table", "aligned", "each_aligned")
 
     def __init__(self, dtypes):
         self.idx: List[int] = []
@@ -394,10 +420,15 @@ class _Group:
         self.block_base: List[int] = []
         self.B = 0
         self.table: Optional[Tensor] = None
-        self.aligned = False
+        self.aligned = False  # every data pointer of the group 16-byte aligned (table launch)
+        self.each_aligned: frozenset = frozenset()  # the per-tensor launches' alignment patterns
 
 
 _CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+# ((kernel, device, constexprs), alignment pattern) of the per-tensor launches already made, i.e.
+# kernels loaded; tracked on the device types below (a test adds "cpu")
+_LOADED: set = set()
+_LOAD_BEFORE_CAPTURE = ("cuda",)
 
 
 def _use_table(device: torch.device) -> bool:
@@ -448,7 +479,8 @@ def _table(grp: _Group, lists, flags, device, tag: str, state_lists: int) -> Non
     """The group's device table (cached by tensor identity; see the module docstring)."""
     ptrs = tuple(tuple(l[i].data_ptr() for i in grp.idx) for l in lists)
     gflags = tuple(flags[i] for i in grp.idx)
-    key = (tag, str(device), ptrs, tuple(grp.numels), gflags)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (tag, str(device), stream, ptrs, tuple(grp.numels), gflags)
     hit = _CACHE.get(key)
     if hit is not None:
         _CACHE.move_to_end(key)
@@ -468,11 +500,22 @@ def _table(grp: _Group, lists, flags, device, tag: str, state_lists: int) -> Non
             dev = host
         data_rows = ptrs[: len(ptrs) - state_lists]
         aligned = all(p % 16 == 0 for r in data_rows for p in r)
-        hit = (host, dev, aligned)
+        each = frozenset(tuple(r[k] % 16 == 0 for r in ptrs)
+                         for k in range(len(grp.idx)) if grp.numels[k])  # empty: no launch
+        hit = (host, dev, aligned, each)
         _CACHE[key] = hit
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
-    grp.table, grp.aligned = hit[1], hit[2]
+    grp.table, grp.aligned, grp.each_aligned = hit[1], hit[2], hit[3]
+
+
+_NAMES = {
+    "norm": ("grads", "params"), "perturb": ("params", "grads", "backups"),
+    "restore": ("params", "backups"), "sgd": ("params", "backups", "grads", "momentum_buffers"),
+    "adamw": ("params", "backups", "grads", "exp_avgs", "exp_avg_sqs", "steps"),
+}
+_OPS = {"norm": "grad_sq_norm", "perturb": "sam_perturb_", "restore": "sam_restore_",
+        "sgd": "sam_restore_sgd_", "adamw": "sam_restore_adamw_"}
 
 
 def _plan(lists, flags, device, tag: str, same_dtype: bool, table: bool, state_lists: int = 0):
@@ -485,6 +528,12 @@ def _plan(lists, flags, device, tag: str, same_dtype: bool, table: bool, state_l
     rest: List[int] = []
     n_main = len(lists) - state_lists
     for i in range(len(lists[0])):
+        for j, l in enumerate(lists[:n_main]):
+            if l[i].device != device:  # the same message as the fakes' check_one_device
+                first = _NAMES[tag][0]
+                raise ValueError(
+                    f"saq::{_OPS[tag]}: '{_NAMES[tag][j]}[{i}]' is on {l[i].device} but '{first}[0]' "
+                    f"is on {device}; the SAM ops take the tensors of one device per call")
         ok = _regular([l[i] for l in lists[:n_main]], device, same_dtype)
         ok = ok and all(l[i].device == device and l[i].dtype == torch.float32 and l[i].numel() == 1
                         for l in lists[n_main:])
@@ -507,18 +556,29 @@ def _plan(lists, flags, device, tag: str, same_dtype: bool, table: bool, state_l
     return list(groups.values()), rest
 
 
-def _launch(kernel, grp: _Group, lists, table: bool, scalars, consts: dict, flags=None) -> None:
-    """One launch over the whole group (table path), or one launch per tensor.
+def _launch(kernel, grp: _Group, lists, table: bool, scalars, consts: dict, flags=None) -> bool:
+    """One launch over the whole group (table path), or one launch per tensor; returns which.
 
-    ``scalars``: the kernel's trailing runtime arguments, or (per-tensor path) a function of
-    the position k inside the group returning them.
+    ``scalars``: the kernel's trailing runtime arguments, or a function of the position k inside
+    the group (None for the table launch) returning them.
+
+    On a GPU, a group whose per-tensor kernels (one per alignment pattern, see _per_tensor_jit)
+    were never launched takes the per-tensor path once, eagerly: same results, and a CUDA-graph
+    capture of the same op later launches only kernels already loaded.
     """
     opts = launch_options()
+    dev = lists[0][grp.idx[0]].device if grp.idx else None
+    if table and dev is not None and dev.type in _LOAD_BEFORE_CAPTURE:
+        ck = (kernel, str(dev), tuple(sorted((k, str(v)) for k, v in consts.items())))
+        if any((ck, a) not in _LOADED for a in grp.each_aligned):
+            _LOADED.update((ck, a) for a in grp.each_aligned)
+            table = False
     if table:
         if grp.B:
+            sc = scalars(None) if callable(scalars) else scalars
             kernel[(grp.B,)](*([grp.table] * len(lists)), grp.table, len(grp.idx), grp.B, 0, 0,
-                             *scalars, TABLE=True, ALIGNED=grp.aligned, BLOCK=BLOCK, **consts, **opts)
-        return
+                             *sc, TABLE=True, ALIGNED=grp.aligned, BLOCK=BLOCK, **consts, **opts)
+        return True
     for k, i in enumerate(grp.idx):
         n = grp.numels[k]
         if n == 0:
@@ -528,6 +588,7 @@ def _launch(kernel, grp: _Group, lists, table: bool, scalars, consts: dict, flag
         flag = flags[i] if flags is not None else 0
         kernel[(cdiv(n, BLOCK),)](*args, args[0], 1, 1, n, flag, *sc,
                                   TABLE=False, ALIGNED=False, BLOCK=BLOCK, **consts, **opts)
+    return False
 
 
 def _device_scalar(t: Optional[Tensor], device: torch.device, like: Tensor) -> Tensor:
@@ -574,17 +635,14 @@ def grad_sq_norm_fwd(grads: List[Tensor], params: List[Tensor], adaptive: List[b
         ps.append(p)
     table = _use_table(device)
     groups, rest = _plan([gs, ps], flags, device, "norm", False, table)
-    if rest:
-        raise RuntimeError(f"saq::grad_sq_norm (triton): tensors {rest} are not on {device}")
+    if rest:  # only a device mismatch makes a rest here, and _plan raised for it
+        raise RuntimeError(f"saq::grad_sq_norm (triton): tensors {rest} cannot be read")
     total = sum(g.B for g in groups)
     part = (torch.empty if total else torch.zeros)(max(total, 1), dtype=torch.float32, device=device)
     base = 0
     for grp in groups:
         consts = dict(G_DT=tl_dtype(grp.dtypes[0]), P_DT=tl_dtype(grp.dtypes[1]))
-        if table:
-            scalars = (part, base, float(eta))
-        else:
-            scalars = (lambda k, b=base, g=grp: (part, b + g.block_base[k], float(eta)))
+        scalars = (lambda k, b=base, g=grp: (part, b if k is None else b + g.block_base[k], float(eta)))
         _launch(_grad_sq_norm_fwd_kernel, grp, [gs, ps], table, scalars, consts, flags)
         base += grp.B
     norm = torch.empty((), dtype=torch.float32, device=device)
@@ -686,9 +744,9 @@ def sam_restore_adamw_fwd(params, backups, grads, exp_avgs, exp_avg_sqs, steps, 
                float(1.0 - beta2), float(beta2), float(eps), float(weight_decay))
     opts = launch_options()
     for grp in groups:
-        _launch(_sam_restore_adamw_fwd_kernel, grp, lists, table, scalars,
-                dict(DT=tl_dtype(grp.dtypes[0]), HAS_FOUND=has_found))
-        if table:
+        used_table = _launch(_sam_restore_adamw_fwd_kernel, grp, lists, table, scalars,
+                             dict(DT=tl_dtype(grp.dtypes[0]), HAS_FOUND=has_found))
+        if used_table:
             _sam_restore_adamw_steps_kernel[(cdiv(len(grp.idx), 128),)](
                 grp.table, grp.table, len(grp.idx), fi, HAS_FOUND=has_found, TABLE=True,
                 BLOCK_T=128, **opts)

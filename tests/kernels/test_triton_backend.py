@@ -628,6 +628,88 @@ def test_table_cache_follows_new_tensors(monkeypatch):
         assert all(torch.equal(a, r) for a, r in zip(p, pr))
 
 
+def test_eager_calls_load_the_kernels_a_capture_launches(monkeypatch):
+    # Triton cannot load a kernel while a CUDA stream is capturing, and a capture runs the SAM ops
+    # per tensor: the first eager call of each op variant runs per tensor too. Here on the CPU
+    # (the device type opted in), a spy records each launch's compiled-kernel identity:
+    # constexprs and the 16-byte alignment of the tensor arguments (what Triton still
+    # specializes on); a "capture" must launch nothing the eager calls did not.
+    if _tsam.interpreting() and DEV != "cpu":
+        pytest.skip("the table path cannot run CUDA tensors under the interpreter")
+    monkeypatch.setattr(_tsam, "_LOAD_BEFORE_CAPTURE", (torch.device(DEV).type,))
+    monkeypatch.setattr(_tsam, "_LOADED", set())
+    seen = {"eager": set(), "capture": set()}
+    phase = ["eager"]
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                names = self.kernel.arg_names
+                align = tuple(a.data_ptr() % 16 == 0 for n, a in zip(names, args)
+                              if isinstance(a, torch.Tensor) and (n.endswith("_arg") or n == "tab_ptr"))
+                consts = tuple(sorted((k, str(v)) for k, v in kw.items() if k.isupper()))
+                seen[phase[0]].add((self.name, consts, align))
+                return self.kernel[grid](*args, **kw)
+            return run
+
+    for name in dir(_tsam):
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(_tsam, name, Spy(name, getattr(_tsam, name)))
+    ps = _tensors(torch.float32, 60) + [torch.randn(9, device=DEV)[1:]]  # + an unaligned view
+    gs = [t * 0.5 for t in ps]
+    bs = [torch.empty_like(t) for t in ps]
+    ms = [torch.zeros_like(t) for t in ps]
+    vs = [torch.zeros_like(t) for t in ps]
+    steps = [torch.zeros((), device=DEV) for _ in ps]
+    lr, found = torch.tensor(0.1, device=DEV), torch.tensor(0.0, device=DEV)
+
+    def step():
+        norm, _ = _tsam.grad_sq_norm(gs, ps, [True, False] * 4, 0.01)
+        _tsam.sam_perturb_(ps, gs, bs, norm, [False] * len(ps))
+        _tsam.sam_restore_sgd_(ps, bs, gs, ms, lr, 0.9, 0.0, 1e-4, True, False, found)
+        _tsam.sam_perturb_(ps, gs, bs, norm, [False] * len(ps))
+        _tsam.sam_restore_adamw_(ps, bs, gs, ms, vs, steps, lr, 0.9, 0.999, 1e-8, 0.01, found)
+
+    for _ in range(2):
+        step()
+    assert any(dict(k[1]).get("TABLE") == "True" for k in seen["eager"])  # then the table path
+    phase[0] = "capture"
+    monkeypatch.setattr(_tsam, "_use_table", lambda device: False)  # what capturing selects
+    step()
+    assert any(dict(k[1]).get("TABLE") == "False" for k in seen["capture"])
+    assert seen["capture"] <= seen["eager"], sorted(seen["capture"] - seen["eager"])
+
+
+def test_per_tensor_kernels_specialize_on_tensor_alignment_only():
+    # the compiled (not interpreted) kernels: integer and float arguments are not specialized by
+    # value, 0-dim scalar pointers not by alignment; tensor arguments keep their alignment
+    # specialization (vector access)
+    import saq_kernels
+
+    code = (
+        "from saq_kernels._triton import sam as S\n"
+        "for n in sorted(dir(S)):\n"
+        "    if n.endswith('_kernel'):\n"
+        "        for p in getattr(S, n).params:\n"
+        "            if not p.is_constexpr:\n"
+        "                print(n, p.name, int(p.do_not_specialize), int(p.do_not_specialize_on_alignment))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(saq_kernels.__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.splitlines()]
+    assert len({r[0] for r in rows}) == 7, out.stdout
+    for kernel, name, dns, dns_align in rows:
+        data = name == "tab_ptr" or (name.endswith("_arg") and name not in ("n_arg", "flag_arg"))
+        expected = ("0", "0") if data else ("0", "1") if name.endswith("_ptr") else ("1", "0")
+        assert (dns, dns_align) == expected, (kernel, name)
+
+
 # ----------------------------------------------------------------------------------------------
 # compiled for the GPU without a GPU: sm_90 PTX of representative kernel variants
 # ----------------------------------------------------------------------------------------------
@@ -693,6 +775,15 @@ out["sgd"] = ptx(S._sam_restore_sgd_fwd_kernel, tab, dict(DT=tl.float16, HAS_WD=
 out["adamw"] = ptx(S._sam_restore_adamw_fwd_kernel, tab, dict(DT=tl.float32, HAS_FOUND=True, **mt))
 out["steps"] = ptx(S._sam_restore_adamw_steps_kernel, tab, dict(HAS_FOUND=True, TABLE=True, BLOCK_T=128))
 out["norm_fin"] = ptx(S._grad_sq_norm_finalize_kernel, tab, dict(BLOCK_P=1024))
+# the per-tensor path (CUDA-graph capture): aligned tensor arguments, as Triton specializes them,
+# and no value specialization of the sizes (n_arg carries no divisibility)
+pt = dict(tab, tab_ptr="*bf16", p_arg="*bf16", g_arg="*bf16", b_arg="*bf16", m_arg="*bf16")
+ptc = dict(mt, TABLE=False, ALIGNED=False)
+args_al = ("tab_ptr", "p_arg", "g_arg", "b_arg")
+out["perturb_pt"] = ptx(S._sam_perturb_fwd_kernel, pt, dict(ptc, DT=tl.bfloat16), aligned=args_al)
+out["sgd_pt"] = ptx(S._sam_restore_sgd_fwd_kernel, pt, dict(ptc, DT=tl.bfloat16, HAS_WD=True,
+                    HAS_MOMENTUM=True, NESTEROV=False, FIRST_STEP=False, HAS_FOUND=True),
+                    aligned=args_al + ("m_arg",))
 for i, (name, code) in enumerate(out.items()):
     print(name, code.count("fma.rn"), code.count("ld.global.v4") + code.count("ld.global.nc.v4")
           + code.count("ld.global.v2") + code.count("ld.global.nc.v2"), local[i])
@@ -719,12 +810,12 @@ def test_kernels_compile_for_sm90_without_fma():
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {line.split()[0]: [int(v) for v in line.split()[1:]] for line in out.stdout.split("\n") if line}
-    assert len(rows) == 14, out.stdout
+    assert len(rows) == 16, out.stdout
     assert all(fma == 0 for fma, _, _ in rows.values()), rows
     # no register spills: local memory on these streaming kernels would cost bandwidth (-1: this
     # triton gave no cubin or ships no cuobjdump, so SASS was not read)
     assert all(n_local <= 0 for _, _, n_local in rows.values()), f"local memory in SASS: {rows}"
-    for name in ("fq_fwd", "liq_fwd", "perturb"):
+    for name in ("fq_fwd", "liq_fwd", "perturb", "perturb_pt", "sgd_pt"):
         assert rows[name][1] > 0, f"{name}: no vector loads on the full-block path: {rows}"
 
 

@@ -212,6 +212,23 @@ def test_sam_lists_mixing_devices_are_refused():
         with pytest.raises(ValueError, match=rf"saq::{op}: '\w+\[1\]' is on meta but '\w+\[0\]' is on cpu"):
             call()
     assert torch.equal(ps[0], torch.ones(4))
+    # a backend serving CPU tensors directly (Triton under the interpreter) says the same
+    if sk.available_backends().get("triton") is None:
+        with sk.use_backend("triton"):
+            for op, call in calls.items():
+                with pytest.raises(ValueError, match=rf"saq::{op}: '\w+\[1\]' is on meta but '\w+\[0\]' is on cpu"):
+                    call()
+        assert torch.equal(ps[0], torch.ones(4))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_sam_perturb_adaptive_length_is_checked_before_writing(backend):
+    if sk.available_backends().get(backend) is not None:
+        pytest.skip(f"{backend}: {sk.available_backends()[backend]}")
+    ps, bs = [torch.ones(3), torch.ones(3)], [torch.zeros(3), torch.zeros(3)]
+    with sk.use_backend(backend), pytest.raises(ValueError, match=r"saq::sam_perturb_: 'adaptive' has 1 flags for 2 params"):
+        sk.sam_perturb_(ps, [torch.ones(3), torch.ones(3)], bs, torch.tensor(0.5), [True])
+    assert all(torch.equal(p, torch.ones(3)) for p in ps)
 
 
 def test_quant_range_values_are_refused_by_name():
