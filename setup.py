@@ -6,7 +6,7 @@
     python setup.py build_ext --inplace      # rebuild in the source tree while iterating
 
 C++ CPU kernels always; the CUDA kernels (csrc/cuda/*.cu, csrc/cuda_register.cpp) only when torch
-is a CUDA build and nvcc is found (TORCH_CUDA_ARCH_LIST, default "8.0;9.0"). ninja is used when
+is a CUDA build and nvcc is found (TORCH_CUDA_ARCH_LIST, default "8.0;9.0+PTX"). ninja is used when
 installed. Sources and flags are defined once, in saq_kernels/_build.py.
 """
 import importlib.util

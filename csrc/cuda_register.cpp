@@ -76,6 +76,17 @@ void check_device(const char* op, const std::string& name, const Tensor& t, cons
               " but the data is on ", device, "; move it with ", name, ".to('", device, "')");
 }
 
+// The device of the argument that fixes the call's device (x, or a list's first tensor), checked
+// before a CUDAGuard is built on it: a CPU tensor there (reached when another argument is on a
+// GPU) would make the guard throw a message that names neither the op nor the argument.
+at::Device data_device(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK(t.defined(), "saq_C::", op, ": '", name, "' is an undefined tensor");
+  TORCH_CHECK(t.is_cuda(), "saq_C::", op, ": '", name, "' is on ", t.device(),
+              " while another argument is on a CUDA device; pass all of them on one device (",
+              name, ".cuda())");
+  return t.device();
+}
+
 void check_float_kind(const char* op, const std::string& name, const Tensor& t) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "saq_C::", op, ": '", name, "' has dtype ",
               t.scalar_type(), "; pass a floating tensor (", name, ".float())");
@@ -214,7 +225,7 @@ Tensor fake_quantize(const Tensor& x, const Tensor& scale, const Tensor& zero_po
                      double grad_factor, const std::optional<Tensor>& perturbation,
                      const std::optional<Tensor>& perturb_scale, bool perturb_before, bool relu) {
   const char* op = "fake_quantize";
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard(data_device(op, "x", x));
   FqPrepared p = prepare_fq(op, x, scale, zero_point, quant_min, quant_max, axis, grad_factor,
                             perturbation, perturb_scale, perturb_before, relu);
   Tensor y = at::empty_like(p.x, at::MemoryFormat::Contiguous);
@@ -228,7 +239,7 @@ std::tuple<Tensor, Tensor, Tensor> fake_quantize_backward(
     const std::optional<Tensor>& perturbation, const std::optional<Tensor>& perturb_scale,
     bool perturb_before, bool relu) {
   const char* op = "fake_quantize_backward";
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard(data_device(op, "x", x));
   FqPrepared p = prepare_fq(op, x, scale, zero_point, quant_min, quant_max, axis, grad_factor,
                             perturbation, perturb_scale, perturb_before, relu);
   check_device(op, "grad", grad, x.device());
@@ -288,7 +299,7 @@ Tensor liq_quantize(const Tensor& x, const Tensor& clip, int64_t bits, bool is_s
                     bool standardize, const std::optional<Tensor>& perturbation,
                     const std::optional<Tensor>& perturb_scale, bool perturb_before) {
   const char* op = "liq_quantize";
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard(data_device(op, "x", x));
   LiqPrepared p = prepare_liq(op, x, clip, bits, is_signed, standardize, perturbation,
                               perturb_scale, perturb_before);
   Tensor y = at::empty_like(p.x, at::MemoryFormat::Contiguous);
@@ -306,7 +317,7 @@ std::tuple<Tensor, Tensor> liq_quantize_backward(const Tensor& grad, const Tenso
   const char* op = "liq_quantize_backward";
   TORCH_CHECK(!(relu && is_signed), "saq_C::", op,
               ": relu=True needs an unsigned quantizer (signed=False)");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard(data_device(op, "x", x));
   LiqPrepared p = prepare_liq(op, x, clip, bits, is_signed, standardize, perturbation,
                               perturb_scale, perturb_before);
   p.args.relu = relu;
@@ -386,7 +397,16 @@ struct Group {
 std::optional<Tensor> found_inf_param(const char* op, const std::optional<Tensor>& found_inf,
                                       const at::Device& device) {
   if (!found_inf.has_value() || !found_inf->defined()) return std::nullopt;
-  return scalar_param(op, "found_inf", *found_inf, device, at::kFloat);
+  const Tensor& f = *found_inf;
+  if (at::isIntegralType(f.scalar_type(), /*includeBool=*/true)) {
+    // a bool / integer flag (~torch.isfinite(norm), a count): non-zero skips, as on the other
+    // backends; converted on the device, no sync
+    check_device(op, "found_inf", f, device);
+    TORCH_CHECK(f.numel() == 1, "saq_C::", op,
+                ": 'found_inf' must hold exactly one value (shape [] or [1]), got shape ", f.sizes());
+    return f.ne(0).to(at::kFloat).contiguous();
+  }
+  return scalar_param(op, "found_inf", f, device, at::kFloat);
 }
 
 // The restore + step ops (SGD, AdamW) read, per parameter i, the value to update through its
@@ -428,7 +448,7 @@ std::tuple<Tensor, Tensor> grad_sq_norm(TensorList grads, TensorList params,
     const auto opts = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);
     return {at::zeros({}, opts), at::zeros({}, opts)};
   }
-  const at::Device device = grads[0].device();
+  const at::Device device = data_device(op, "grads[0]", grads[0]);
   const c10::cuda::CUDAGuard guard(device);
   std::vector<Tensor> keep;
   std::map<at::ScalarType, Group> groups;
@@ -490,7 +510,7 @@ void sam_perturb_(TensorList params, TensorList grads, TensorList backups, const
   const size_t n = params.size();
   check_lengths(op, n, {{"grads", grads.size()}, {"backups", backups.size()}, {"adaptive", adaptive.size()}});
   if (n == 0) return;
-  const at::Device device = params[0].device();
+  const at::Device device = data_device(op, "params[0]", params[0]);
   const c10::cuda::CUDAGuard guard(device);
   check_device(op, "scale", scale, device);
   std::vector<Tensor> keep;
@@ -536,7 +556,7 @@ void sam_restore_(TensorList params, TensorList backups) {
   const size_t n = params.size();
   check_lengths(op, n, {{"backups", backups.size()}});
   if (n == 0) return;
-  const at::Device device = params[0].device();
+  const at::Device device = data_device(op, "params[0]", params[0]);
   const c10::cuda::CUDAGuard guard(device);
   std::vector<void*> dst, src;
   std::vector<int64_t> nbytes;
@@ -567,7 +587,7 @@ void sam_restore_sgd_(TensorList params, TensorList backups, TensorList grads,
   check_backup_prefix(op, n, backups.size());
   if (use_buf) check_lengths(op, n, {{"momentum_buffers", momentum_buffers.size()}});
   if (n == 0) return;
-  const at::Device device = params[0].device();
+  const at::Device device = data_device(op, "params[0]", params[0]);
   const c10::cuda::CUDAGuard guard(device);
   check_device(op, "lr", lr, device);
   const std::optional<Tensor> fi = found_inf_param(op, found_inf, device);
@@ -623,7 +643,7 @@ void sam_restore_adamw_(TensorList params, TensorList backups, TensorList grads,
                         {"exp_avg_sqs", exp_avg_sqs.size()}, {"steps", steps.size()}});
   check_backup_prefix(op, n, backups.size());
   if (n == 0) return;
-  const at::Device device = params[0].device();
+  const at::Device device = data_device(op, "params[0]", params[0]);
   const c10::cuda::CUDAGuard guard(device);
   check_device(op, "lr", lr, device);
   const std::optional<Tensor> fi = found_inf_param(op, found_inf, device);

@@ -14,7 +14,7 @@ Environment:
                       kernels with AddressSanitizer (no CUDA; build directory tagged -asan). The
                       process must run with the sanitizer runtime preloaded, see
                       tests/kernels/test_cpp_sanitizer.py.
-    TORCH_CUDA_ARCH_LIST  CUDA architectures (default "8.0;9.0").
+    TORCH_CUDA_ARCH_LIST  CUDA architectures (default "8.0;9.0+PTX").
 
 Nothing here runs at import time, and importing it never imports torch.
 """
@@ -26,9 +26,10 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
     "load_extension",
@@ -51,7 +52,9 @@ _LOG = logging.getLogger("saq_kernels")
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 BUILD_INFO_NAME = "_build_info.json"
 REBUILD_HINT = "rebuild with pip install --no-build-isolation -e ."
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# sm_80 code (A100; also runs on 8.6 / 8.9), sm_90 code (H100 / H200) and compute_90 PTX, which
+# the driver compiles for newer GPUs (Blackwell) on first load
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,6 +115,27 @@ def nvcc_flags() -> List[str]:
 
 def cuda_arch_list() -> str:
     return os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_CUDA_ARCHS
+
+
+def arch_runs_on(archs: Sequence[str], capability: Tuple[int, int]) -> Optional[bool]:
+    """Can a library built for ``archs`` (TORCH_CUDA_ARCH_LIST entries, e.g. ``["8.0",
+    "9.0+PTX"]``) run on a GPU of compute ``capability`` (major, minor)? ``X.Y`` code runs on
+    ``X.y`` with y >= Y; ``X.Y+PTX`` also on every later GPU; ``X.Ya`` only on ``X.Y``. None when
+    an entry is not numeric (``Hopper``): unknown, the caller should not refuse."""
+    for a in archs:
+        m = re.fullmatch(r"\s*(\d+)\.(\d+)([af]?)(\+PTX)?\s*", a)
+        if m is None:
+            return None
+        cap = (int(m.group(1)), int(m.group(2)))
+        if m.group(3):  # arch-specific features: exactly that GPU
+            if cap == tuple(capability):
+                return True
+            continue
+        if cap[0] == capability[0] and cap[1] <= capability[1]:
+            return True
+        if m.group(4) and cap <= tuple(capability):
+            return True
+    return False
 
 
 def _nvcc() -> Optional[str]:
@@ -181,7 +205,6 @@ def cuda_wanted(csrc: str) -> Optional[str]:
 
 def _nvcc_release(nvcc: Optional[str]) -> Optional[str]:
     """'13.0' from ``nvcc --version`` ("Cuda compilation tools, release 13.0, V13.0.88"), or None."""
-    import re
     import subprocess
 
     if nvcc is None:
@@ -368,21 +391,35 @@ def _jit_build():
         os.path.expanduser("~"), ".cache", "saq", tag
     )
     os.makedirs(build_dir, exist_ok=True)
-    if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cuda_arch_list())
+    archs = cuda_arch_list()
+    if with_cuda and "TORCH_CUDA_ARCH_LIST" not in os.environ and torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        if not arch_runs_on(archs.split(";"), cap):  # also this GPU (when nvcc can target it)
+            archs += f";{cap[0]}.{cap[1]}"
     _LOG.warning("saq_kernels: JIT-building the C++%s extension in %s (first use only; about a minute)",
                  "/CUDA" if with_cuda else "", build_dir)
-    mod = cpp_extension.load(
-        name="saq_kernels_C",
-        sources=sources,
-        extra_cflags=cflags + (["-DWITH_CUDA"] if with_cuda else []),
-        extra_cuda_cflags=nvcc_flags() if with_cuda else None,
-        extra_ldflags=ldflags,
-        extra_include_paths=[csrc],
-        build_directory=build_dir,
-        with_cuda=with_cuda,
-        is_python_module=True,
-        verbose=False,
-    )
-    _STATE["info"] = make_build_info(with_cuda, "jit" if sanitize is None else f"jit-{sanitize}")
+    # torch reads the architectures from the environment: set for this build only (a later
+    # extension built in the same process must not inherit them)
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if with_cuda:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    try:
+        mod = cpp_extension.load(
+            name="saq_kernels_C",
+            sources=sources,
+            extra_cflags=cflags + (["-DWITH_CUDA"] if with_cuda else []),
+            extra_cuda_cflags=nvcc_flags() if with_cuda else None,
+            extra_ldflags=ldflags,
+            extra_include_paths=[csrc],
+            build_directory=build_dir,
+            with_cuda=with_cuda,
+            is_python_module=True,
+            verbose=False,
+        )
+        _STATE["info"] = make_build_info(with_cuda, "jit" if sanitize is None else f"jit-{sanitize}")
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
     return mod

@@ -376,6 +376,7 @@ cudaError_t fake_quantize_bwd(const FakeQuantArgs& a, const void* grad, void* dx
                               float* dzero_point, void* workspace, cudaStream_t stream) {
   const int64_t channels = a.per_channel ? a.channels : 1;
   if (a.numel == 0) {
+    if (channels == 0) return cudaSuccess;  // nothing to zero (and the pointers may be null)
     cudaError_t err = cudaMemsetAsync(dscale, 0, channels * sizeof(float), stream);
     if (err != cudaSuccess) return err;
     return cudaMemsetAsync(dzero_point, 0, channels * sizeof(float), stream);

@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(kMtThreads)
                    (!use_buf || detail::aligned16(buf));
   const int64_t nvec = vec ? c.len / N : 0;
   for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-    const uint4 braw = detail::ldg16(b + v * N);
+    const uint4 braw = detail::ld16(b + v * N);  // coherent: b may be p itself
     if (skip) {
       detail::st16(p + v * N, braw);
       continue;
@@ -347,7 +347,7 @@ __global__ void __launch_bounds__(kMtThreads)
                    detail::aligned16(m) && detail::aligned16(v);
   const int64_t nvec = vec ? c.len / N : 0;
   for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
-    const uint4 braw = detail::ldg16(b + i * N);
+    const uint4 braw = detail::ld16(b + i * N);  // coherent: b may be p itself
     if (skip) {
       detail::st16(p + i * N, braw);
       continue;

@@ -48,6 +48,8 @@ def _probe_cuda() -> Optional[str]:
         if torch.version.cuda is None:
             return f"torch {torch.__version__} is a CPU-only build, so there is no CUDA device to run on"
         return "torch.cuda.is_available() is False: no CUDA device is visible"
+    from .. import _build
+
     reason = _load()
     if reason is not None:
         return reason
@@ -56,7 +58,23 @@ def _probe_cuda() -> Optional[str]:
             "saq_kernels._C was built without its CUDA kernels (a CPU-only torch or no nvcc at "
             "build time): rebuild with pip install --no-build-isolation -e . on a CUDA machine"
         )
-    return None
+    return _arch_reason(_build.build_info(), torch.cuda.get_device_capability())
+
+
+def _arch_reason(info, capability) -> Optional[str]:
+    """Why the built CUDA code cannot run on a GPU of this compute capability (None: it can).
+
+    Otherwise the backend would look available and every launch would fail with "no kernel
+    image is available for execution on the device"."""
+    from .. import _build
+
+    archs = (info or {}).get("cuda_archs") or []
+    if not archs or _build.arch_runs_on(archs, capability) is not False:
+        return None
+    cap = f"{capability[0]}.{capability[1]}"
+    return (f"saq_kernels._C holds CUDA code for {';'.join(archs)} only, and this GPU is compute "
+            f"capability {cap}: rebuild with TORCH_CUDA_ARCH_LIST=\"{cap}\" pip install "
+            "--no-build-isolation -e . (the triton and reference backends run meanwhile)")
 
 
 def _supports(name: str, device: str) -> Callable[[str, str, object], Optional[str]]:
@@ -75,8 +93,36 @@ def _impls() -> Dict[str, Callable]:
     return {op: getattr(ns, op).default for op in OPS}
 
 
+_SAM_OPS = ("grad_sq_norm", "sam_perturb_", "sam_restore_", "sam_restore_sgd_", "sam_restore_adamw_")
+
+
+def _fp64_to_reference(op: str, native: Callable) -> Callable:
+    """A SAM list op is routed by its first tensor's dtype; a float64 tensor further down the
+    list is refused by the CUDA kernels (float32/16/bf16 only) while they are still checking,
+    before anything is written. Such a call runs on the reference instead, as on the cpp
+    backend, which takes float64: same numbers, no cost on the normal path."""
+    from . import get_backend
+
+    def call(*args):
+        try:
+            return native(*args)
+        except RuntimeError as exc:
+            if "has dtype Double; the CUDA kernels take" not in str(exc):
+                raise
+        return get_backend("reference").table()[op](*args)
+
+    return call
+
+
+def _cuda_impls() -> Dict[str, Callable]:
+    table = _impls()
+    for op in _SAM_OPS:
+        table[op] = _fp64_to_reference(op, table[op])
+    return table
+
+
 register_backend(Backend(name="cpp", probe=_probe_cpp, supports_fn=_supports("cpp", "cpu"), impls=_impls))
-register_backend(Backend(name="cuda", probe=_probe_cuda, supports_fn=_supports("cuda", "cuda"), impls=_impls))
+register_backend(Backend(name="cuda", probe=_probe_cuda, supports_fn=_supports("cuda", "cuda"), impls=_cuda_impls))
 
 
 # ----------------------------------------------------------------------------------------------

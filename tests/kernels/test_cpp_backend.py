@@ -121,6 +121,26 @@ def test_build_info_and_load():
         assert "-ffp-contract=off" in info["cxx_flags"]
 
 
+@pytest.mark.parametrize("archs, cap, runs", [
+    (["8.0", "9.0+PTX"], (8, 0), True), (["8.0", "9.0+PTX"], (8, 6), True),
+    (["8.0", "9.0+PTX"], (9, 0), True), (["8.0", "9.0+PTX"], (10, 0), True),
+    (["8.0", "9.0+PTX"], (12, 0), True), (["8.0", "9.0+PTX"], (7, 5), False),
+    (["8.0", "9.0"], (10, 0), False), (["9.0a"], (9, 0), True), (["9.0a"], (10, 0), False),
+    (["8.6"], (8, 0), False), ([" 8.0 ", "Hopper"], (9, 0), None),
+])
+def test_arch_list_coverage(archs, cap, runs):
+    from saq_kernels import _build
+    from saq_kernels.backends.native_backend import _arch_reason
+
+    assert _build.arch_runs_on(archs, cap) is runs
+    reason = _arch_reason({"cuda_archs": archs}, cap)
+    if runs is False:
+        assert f"compute capability {cap[0]}.{cap[1]}" in reason and "TORCH_CUDA_ARCH_LIST" in reason
+    else:
+        assert reason is None
+    assert _arch_reason({"cuda_archs": []}, cap) is None and _arch_reason(None, cap) is None
+
+
 def test_version_mismatch_is_a_reason(monkeypatch):
     import importlib.util
 

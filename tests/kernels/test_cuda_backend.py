@@ -490,7 +490,7 @@ SGD_CASES = [
 
 @pytest.mark.parametrize("dtypes", LIST_DTYPES, ids=LIST_DTYPE_IDS)
 @pytest.mark.parametrize("case", range(len(SGD_CASES)))
-@pytest.mark.parametrize("found", [None, 0.0, 1.0], ids=["no_flag", "finite", "inf"])
+@pytest.mark.parametrize("found", [None, 0.0, 1.0, True], ids=["no_flag", "finite", "inf", "inf_bool"])
 def test_sam_restore_sgd(dtypes, case, found):
     h = SGD_CASES[case]
     shapes = LIST_SHAPES[:6]
@@ -525,7 +525,7 @@ def test_sam_restore_sgd(dtypes, case, found):
 
 
 @pytest.mark.parametrize("dtypes", LIST_DTYPES, ids=LIST_DTYPE_IDS)
-@pytest.mark.parametrize("found", [None, 0.0, 1.0], ids=["no_flag", "finite", "inf"])
+@pytest.mark.parametrize("found", [None, 0.0, 1.0, True], ids=["no_flag", "finite", "inf", "inf_bool"])
 @pytest.mark.parametrize("step0", [0.0, 9.0])
 def test_sam_restore_adamw(dtypes, found, step0):
     shapes = LIST_SHAPES[:6]
@@ -660,6 +660,33 @@ def test_cuda_graph_sam_step():
 # ----------------------------------------------------------------------------------------------
 # errors name the op and the argument
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.skipif(bool(_EMU_LIB), reason="the backend table (not the emulated ops) routes float64")
+def test_float64_further_down_a_sam_list_runs_on_the_reference():
+    # the list ops are routed by their first tensor's dtype: a float64 tensor at index 1 is
+    # refused by the CUDA kernels before anything is written, and the call runs on the reference
+    ps = [_randn((5,), torch.float32, 171), _randn((4,), torch.float32, 172).double()]
+    gs = [_randn((5,), torch.float32, 173), _randn((4,), torch.float32, 174).double()]
+    bs, s = [torch.empty_like(p) for p in ps], torch.tensor(0.25, device=DEVICE)
+    pr, br = _clones(ps), [torch.empty_like(p) for p in ps]
+    _op("sam_perturb_")(ps, gs, bs, s, [False, True])
+    R.sam_perturb_(pr, gs, br, s, [False, True])
+    for a, b in zip(ps + bs, pr + br):
+        _assert_equal(a, b, "mixed fp32/fp64 sam_perturb_")
+    norm = _op("grad_sq_norm")(gs, ps, [False, False], 0.01)[0]
+    torch.testing.assert_close(norm.double(), R.grad_sq_norm(gs, ps, [False, False], 0.01)[0].double())
+
+
+def test_integer_found_inf_counts_as_a_flag():
+    # a count of non-finite gradients (or ~isfinite as bool): non-zero skips, as on every backend
+    p = [_randn((5,), torch.float32, 161)]
+    b, g, m = _clones(p), [_randn((5,), torch.float32, 162)], [torch.zeros(5, device=DEVICE)]
+    lr = torch.tensor(0.1, device=DEVICE)
+    for flag, skipped in ((torch.tensor(3, device=DEVICE), True), (torch.tensor([0], device=DEVICE), False)):
+        q = [b[0].clone() + 1]
+        _op("sam_restore_sgd_")(q, b, g, m, lr, 0.0, 0.0, 0.0, False, False, flag)
+        assert torch.equal(q[0], b[0]) is skipped
+
+
 def test_errors_name_op_and_argument():
     x = _randn((4, 5), torch.float32, 151)
     scale, zp = _fq_params((4, 5), 0, 152)
@@ -673,6 +700,11 @@ def test_errors_name_op_and_argument():
     bad_steps = [[torch.tensor(0.0, dtype=torch.float64, device=DEVICE)]]
     if DEVICE == "cuda":
         bad_steps.append([torch.tensor(0.0)])  # torch.optim.AdamW's default: steps on the CPU
+    if DEVICE == "cuda":  # the data on the CPU, a parameter on the GPU: the CUDA kernel is chosen
+        with pytest.raises(RuntimeError, match=r"fake_quantize: 'x' is on cpu while another argument"):
+            _op("fake_quantize")(x.cpu(), scale, zp, 0, 15, 0, 1.0, None, None, False)
+        with pytest.raises(RuntimeError, match=r"sam_restore_: 'params\[0\]' is on cpu"):
+            _op("sam_restore_")([torch.zeros(3), p[0]], [torch.zeros(3), p[0]])
     for steps in bad_steps:
         with pytest.raises(RuntimeError, match=r"sam_restore_adamw_.*'steps\[0\]'"):
             _op("sam_restore_adamw_")(p, _clones(p), _clones(p), _clones(p), _clones(p), steps,

@@ -262,3 +262,22 @@ def test_sam_perturb_scale_shape():
         with pytest.raises(ValueError, match=r"'scale' has shape \[2\]; pass one 0-dim tensor"):
             sk.sam_perturb_(ps, [torch.ones(3), torch.tensor(1.0)], bs, torch.tensor([0.5, 1.0]))
         assert torch.equal(ps[0], torch.full((3,), 1.5))
+
+
+def test_cuda_float64_fallback_wrapper_runs_the_reference_only_for_that_refusal():
+    # the CUDA backend's SAM list ops (csrc/cuda_register.cpp) refuse float64 tensors found past
+    # index 0 while checking, before writing; the backend table then runs the reference
+    from saq_kernels.backends.native_backend import _fp64_to_reference
+
+    def refuse(msg):
+        def native(*args):
+            raise RuntimeError(msg)
+        return native
+
+    ps, bs = [torch.zeros(3), torch.zeros(2, dtype=torch.float64)], [torch.ones(3), torch.ones(2, dtype=torch.float64)]
+    _fp64_to_reference("sam_restore_", refuse(
+        "saq_C::sam_restore_: 'params[1]' has dtype Double; the CUDA kernels take float32, float16 "
+        "or bfloat16 tensors: convert it"))(ps, bs)
+    assert all(torch.equal(p, b) for p, b in zip(ps, bs))
+    with pytest.raises(RuntimeError, match="'lr' is on cpu"):
+        _fp64_to_reference("sam_restore_", refuse("saq_C::sam_restore_: 'lr' is on cpu"))(ps, bs)
