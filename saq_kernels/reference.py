@@ -361,16 +361,35 @@ def sam_restore_sgd_(
         skip = _skip_mask(found_inf, p) if skip is None else skip
         d = grads[i]
         if weight_decay != 0:
-            d = d.add(p, alpha=weight_decay)
+            d = _add_scaled(d, p, weight_decay)
         if momentum != 0:
             buf = momentum_buffers[i]
             if first_step:
                 new_buf = d.clone()
             else:
-                new_buf = buf.mul(momentum).add_(d, alpha=1 - dampening)
+                new_buf = _add_scaled(buf.mul(momentum), d, 1 - dampening)
             _select_(buf, new_buf, skip)
-            d = d.add(buf, alpha=momentum) if nesterov else buf
+            d = _add_scaled(d, buf, momentum) if nesterov else buf
         _select_(p, p - lr.to(p.dtype) * d, skip)
+
+
+def _add_scaled(a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """``a + alpha * b`` as one torch op in fp32 math (``alpha`` an fp32 scalar, one rounding to
+    the dtype), the rule of OPS.md. Spelled out for fp16 / bf16 because ``a.add(b, alpha=...)``
+    does not follow it everywhere: torch's vectorized CPU kernels round ``alpha`` to the tensor's
+    dtype first (a different result in about a third of the elements), and a GPU may fuse the
+    multiply-add."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        return (a.float() + b.float() * alpha).to(a.dtype)
+    return a.add(b, alpha=alpha)
+
+
+def _plus(a: Tensor, c: float) -> Tensor:
+    """``a + c`` for a Python float ``c`` in fp32 math (torch's CPU kernels round ``c`` to fp16 /
+    bf16 first, as ``alpha`` above)."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        return (a.float() + c).to(a.dtype)
+    return a + c
 
 
 def sam_restore_adamw_(
@@ -410,7 +429,7 @@ def sam_restore_adamw_(
         bc1 = 1 - beta1**step
         bc2 = 1 - beta2**step
         step_size = (lr_t / bc1).to(p.dtype)
-        denom = (v.sqrt() / bc2.sqrt().to(p.dtype)).add_(eps)
+        denom = _plus(v.sqrt() / bc2.sqrt().to(p.dtype), eps)
         new_p = new_p - step_size * (m / denom)
         _select_(exp_avgs[i], m, skip)
         _select_(exp_avg_sqs[i], v, skip)

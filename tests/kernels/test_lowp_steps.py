@@ -31,13 +31,14 @@ LOWP = [torch.float16, torch.bfloat16]
 
 
 def _targets():
-    out = [pytest.param("cpp", marks=_needs_cpp)]
+    # the reference too: its torch ops are the contract (saq_kernels/OPS.md)
+    out = [pytest.param("reference"), pytest.param("cpp", marks=_needs_cpp)]
     reason = sk.get_backend("triton").supports("sam_restore_sgd_", "cpu", torch.float16)
     out.append(pytest.param("triton", marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
     if _EMU_LIB:
         out.append(pytest.param("cuda-emu"))
     # on a GPU: the same bit patterns through the CUDA and Triton kernels on the device
-    out += [pytest.param(t, marks=pytest.mark.gpu) for t in ("cuda", "triton-gpu")]
+    out += [pytest.param(t, marks=pytest.mark.gpu) for t in ("cuda", "triton-gpu", "reference-gpu")]
     return out
 
 
@@ -63,8 +64,8 @@ def ops(target):
     if target == "cuda-emu":
         torch.ops.load_library(_EMU_LIB)
         return lambda name: getattr(torch.ops.saq_cuda_emu, name)
-    if target in ("cuda", "triton-gpu"):
-        backend = sk.get_backend("cuda" if target == "cuda" else "triton")
+    if target in ("cuda", "triton-gpu", "reference-gpu"):
+        backend = sk.get_backend({"cuda": "cuda", "triton-gpu": "triton", "reference-gpu": "reference"}[target])
         reason = backend.supports("sam_restore_sgd_", "cuda", torch.float16)
         if not torch.cuda.is_available() or reason is not None:
             pytest.skip(reason or "no CUDA device")
