@@ -56,8 +56,11 @@ class Ranking:
     geo: Dict[str, float]  # backend -> geometric-mean time ratio to the fastest per shape
     shapes: List[str]  # the shapes every candidate was measured at
     split: Dict[str, str] = field(default_factory=dict)  # shape -> winner, where not order[0]
+    filled_from: str = ""  # "op/dtype" whose ranking this one copies (--fill)
 
     def comment(self) -> str:
+        if self.filled_from:
+            return f"no rows of its own: the order of {self.filled_from} (--fill)"
         ratios = ", ".join(f"{b} {self.geo[b]:.2f}" for b in self.order)
         text = f"{'+'.join(self.modes)} over {len(self.shapes)} shapes: {ratios}"
         if self.split:
@@ -150,6 +153,30 @@ def choose(rows: Sequence[dict], exclude: Sequence[str] = (), tie: float = 0.02)
     return out
 
 
+FAMILIES = ((*QUANT_OPS, *(op + "_backward" for op in QUANT_OPS)), SAM_OPS)
+
+
+def fill_missing(chosen: Dict[str, Dict[str, Ranking]], dtypes: Sequence[str] = ("fp32", "bf16")) -> None:
+    """Give every op and dtype of a family that has any ranking one: the same op's ranking at
+    another dtype, else another op's of its family (fp32 first). For a benchmark run cut short
+    by its time budget (benchmarks/gpu_check.sh, before the train step), so that an op the
+    per-op suites did not reach runs a fused kernel instead of the device's base order (CUDA:
+    the reference); never for the committed order, where an unmeasured op keeps the base order."""
+    for family in FAMILIES:
+        measured = [(op, dt) for op in family for dt in sorted(chosen.get(op, {}), key=lambda d: d != "fp32")]
+        if not measured:
+            continue
+        for op in family:
+            for dt in dtypes:
+                if dt in chosen.get(op, {}):
+                    continue
+                same_op = [(o, d) for o, d in measured if o == op]
+                src_op, src_dt = (same_op or measured)[0]
+                src = chosen[src_op][src_dt]
+                chosen.setdefault(op, {})[dt] = Ranking(op, dt, src.modes, list(src.order), dict(src.geo),
+                                                        list(src.shapes), filled_from=f"{src_op}/{src_dt}")
+
+
 # ----------------------------------------------------------------------------------------------
 # the generated module
 # ----------------------------------------------------------------------------------------------
@@ -216,6 +243,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--tie", type=float, default=0.02,
                     help="relative margin within which the fixed preference decides (default 0.02)")
     ap.add_argument("--write", action="store_true", help=f"update {MODULE.relative_to(ROOT)}")
+    ap.add_argument("--fill", action="store_true",
+                    help="give ops / dtypes without rows the order of a measured one of their family "
+                         "(for timing a budget-cut run's train step; not for a committed order)")
     ap.add_argument("--module", type=Path, default=MODULE, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -234,6 +264,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     orders, evidence, sources, excluded = load_existing(args.module)
     for dev, files in sorted(by_dev.items()):
         chosen = choose(read_rows(files), args.exclude, args.tie)
+        if args.fill:
+            fill_missing(chosen)
         if not chosen:
             print(f"{dev}: no saq-<backend> rows in {', '.join(map(str, files))}")
             continue

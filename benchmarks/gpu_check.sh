@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh            # from anywhere; works in the repository root
 #
 # Phases, each under `timeout` and inside one overall deadline (SAQ_CHECK_BUDGET seconds, default
-# 500, so the whole call stays under 9 minutes on an H100; call it with run(..., timeout_s=540)):
+# 450: with each phase's kill grace the whole call stays under 9 minutes; call it with
+# run(..., timeout_s=540)):
 #   1. facts: GPU, driver, torch / triton / nvcc versions
 #   2. build saq_kernels._C in place (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16); a failure is reported
 #      and the cuda/cpp backends then say why they are unavailable (no JIT rebuild: SAQ_JIT_BUILD=0)
@@ -17,16 +18,18 @@
 #      2^26 and ResNet-50's SAM update), SAQ_CHECK_SWEEP seconds (default 45) kept from the
 #      benchmarks, or none when fewer than 90 s would be left to them
 #   5. plots, the markdown report and the measured per-op default order
-# Results: benchmarks/results/<gpu-slug>.csv and benchmarks/results/plots/; when $OUT is set, also
-# $OUT/<gpu-slug>.csv, $OUT/gpu_check.log, $OUT/report.md, $OUT/plots.tar.gz, $OUT/bench_json.tar.gz,
+# Results: benchmarks/results/<gpu-slug>.csv and benchmarks/results/plots/; when $OUT is set (the
+# device tool brings back at most 8 files), also $OUT/gpu_check.log (written there from the start),
+# $OUT/<gpu-slug>.csv (copied after every suite), $OUT/report.md (with the Triton sweep's table),
 # $OUT/measured_order.py (the per-op default order the rows imply: benchmarks/choose_defaults.py)
-# and $OUT/triton_sweep-<gpu-slug>.csv with $OUT/triton_sweep.md.
+# and $OUT/extras.tar.gz (plots, pytest-benchmark JSON, the sweep's CSV, the test logs): 5 files,
+# so a run cut off by the tool's limit still returns the log and the rows measured so far.
 # The compact table is printed last.
 #
 # Environment: PYTHON (default python3), SAQ_CHECK_BUDGET (s), SAQ_CHECK_SKIP_BUILD=1,
 # SAQ_CHECK_SKIP_TESTS=1, SAQ_CHECK_SHARDS (parallel test processes), SAQ_CHECK_TEST_MARK and
 # SAQ_CHECK_TEST_PATHS (the test selection; for a dry run on a CPU), SAQ_BENCH_MODE (default
-# short), SAQ_CHECK_SUITES (default "fake_quantize:30 liq_quantize:20 sam:15 train_step:35":
+# short), SAQ_CHECK_SUITES (default "fake_quantize:25 liq_quantize:20 sam:20 train_step:35":
 # suites and their shares of the benchmark time; the train step runs ResNet-18 at batch 256 in
 # bf16 first, the targets' shape), and every SAQ_BENCH_* knob of benchmarks/README.md.
 set -u -o pipefail
@@ -34,15 +37,16 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PY=${PYTHON:-python3}
-BUDGET=${SAQ_CHECK_BUDGET:-500}
+BUDGET=${SAQ_CHECK_BUDGET:-450}
 DEADLINE=$((SECONDS + BUDGET))
 WORK=$(mktemp -d /tmp/saq_gpu_check.XXXXXX)
 LOG=$WORK/gpu_check.log
+if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && LOG=$OUT/gpu_check.log; fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export SAQ_BENCH_MODE=${SAQ_BENCH_MODE:-short}
 # suite:weight (its share of the benchmark time)
-SUITES=${SAQ_CHECK_SUITES:-"fake_quantize:30 liq_quantize:20 sam:15 train_step:35"}
+SUITES=${SAQ_CHECK_SUITES:-"fake_quantize:25 liq_quantize:20 sam:20 train_step:35"}
 
 say() { echo "[gpu_check +$((SECONDS))s] $*" | tee -a "$LOG"; }
 left() { echo $((DEADLINE - SECONDS)); }
@@ -124,7 +128,7 @@ else
     wait "${pids[$i]}"; r=$?
     { echo "---- shard $i/$K: rc=$r"; cat "$WORK/tests.$i.log"; } >>"$WORK/tests.log"
     case $r in
-      124|130) rc=124 ;;
+      124|130|137|143) rc=124 ;;  # timed out (137: killed after the grace period)
       5) ;;
       0) [ "$rc" = 5 ] && rc=0 ;;
       *) [ "$rc" != 124 ] && rc=$r ;;
@@ -142,20 +146,27 @@ else
     124) say "tests: TIMEOUT after ${T}s (a shard did not finish): $SUMMARY" ;;
     *) say "tests: FAILED rc=$rc: $SUMMARY" ;;
   esac
-  # A backend with a failing GPU test (read from the test's node id: benchmarks/gpu_failures.py),
-  # or both after a timeout, is left out of the proposed default order (step 5): unverified
-  # kernels never become a default.
+  # A backend with a failing GPU test (read from the test's node id: benchmarks/gpu_failures.py)
+  # is left out of every order written here; after a timeout, or a shard that died without a
+  # summary (a crash), both are also left out of the proposed (committed) order of step 5, since
+  # their tests did not all run, but not out of the order the train step is timed with.
+  FAILB=$("$PY" benchmarks/gpu_failures.py "$WORK/tests.log" 2>>"$LOG" || echo "triton cuda")
+  for b in $FAILB; do FAILED_EXCLUDE="${FAILED_EXCLUDE:-} --exclude $b"; done
+  UNVERIFIED=""
   if [ "$rc" = 124 ]; then
-    FAILB="triton cuda"
-  else
-    FAILB=$("$PY" benchmarks/gpu_failures.py "$WORK/tests.log" 2>>"$LOG" || echo "triton cuda")
+    UNVERIFIED="triton cuda"
+  elif [ "$rc" != 0 ] && [ "$rc" != 1 ] && [ "$rc" != 5 ] && [ -z "$FAILB" ]; then
+    UNVERIFIED="triton cuda"  # died (segfault, abort) before reporting which test failed
   fi
-  for b in $FAILB; do EXCLUDE="${EXCLUDE:-} --exclude $b"; done
+  EXCLUDE=${FAILED_EXCLUDE:-}
+  for b in $UNVERIFIED; do
+    case "$EXCLUDE" in *"--exclude $b"*) ;; *) EXCLUDE="$EXCLUDE --exclude $b" ;; esac
+  done
   [ -n "${EXCLUDE:-}" ] && say "tests: the proposed default order will leave out:${EXCLUDE//--exclude/}"
 
   # 3b. compute-sanitizer memcheck of every CUDA kernel on a small case (skips without the tool)
   if [ -f tests/kernels/test_cuda_memcheck.py ]; then
-    T=$(cap 75 150)
+    T=$(cap 60 150)
     say "memcheck: pytest -m 'gpu and slow' tests/kernels/test_cuda_memcheck.py (timeout ${T}s)"
     timeout -s INT -k 10 "$T" "$PY" -m pytest -m "gpu and slow" tests/kernels/test_cuda_memcheck.py -q -rfEs \
       -p no:cacheprovider >"$WORK/memcheck.log" 2>&1
@@ -167,6 +178,7 @@ else
       # (a sanitizer that cannot run on this device makes the test skip, rc 0)
       *) say "memcheck: FAILED rc=$mrc: $(grep -m3 -E "ERROR SUMMARY|Invalid|out of bounds" "$WORK/memcheck.log" | tr '\n' ' ')"
          case "${EXCLUDE:-}" in *"--exclude cuda"*) ;; *) EXCLUDE="${EXCLUDE:-} --exclude cuda" ;; esac
+         case "${FAILED_EXCLUDE:-}" in *"--exclude cuda"*) ;; *) FAILED_EXCLUDE="${FAILED_EXCLUDE:-} --exclude cuda" ;; esac
          # a memory error can leave a sticky illegal-address error in the benchmark processes
          export SAQ_BENCH_SKIP_BACKENDS=cuda ;;
     esac
@@ -178,7 +190,7 @@ CSV=$("$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import harness; pr
 say "benchmarks: suite $SAQ_BENCH_MODE -> ${CSV:-?}"
 # seconds kept for the Triton sweep (4b): the benchmarks come first
 SWEEP=${SAQ_CHECK_SWEEP:-45}
-[ $(( $(left) - 35 - SWEEP )) -lt 90 ] && SWEEP=0
+[ $(( $(left) - 35 - SWEEP )) -lt 150 ] && SWEEP=0
 wsum=0
 for sw in $SUITES; do w=${sw#*:}; [ "$w" = "$sw" ] && w=25; wsum=$((wsum + w)); done
 ORDER_SET=0
@@ -187,11 +199,13 @@ for sw in $SUITES; do
   f=benchmarks/bench_$s.py
   # the train step's "default" rows should time the kernels the per-op rows chose, not the
   # reference (CUDA's order until a GPU run is committed): on a GPU, the order the rows so far
-  # imply goes into this tree's measured_order.py for that suite (restored afterwards)
+  # imply goes into this tree's measured_order.py for that suite (restored afterwards), every op
+  # and dtype the budget left unmeasured filled from its family (--fill), only backends with a
+  # failing test left out
   if [ "$s" = train_step ] && [ "$HAS_GPU" = 1 ] && [ -n "${CSV:-}" ] && [ -f "$CSV" ]; then
     cp saq_kernels/backends/measured_order.py "$WORK/measured_order.orig" && ORDER_SET=1
-    # shellcheck disable=SC2086  # EXCLUDE is a list of flags
-    if timeout 30 "$PY" benchmarks/choose_defaults.py "$CSV" --write ${EXCLUDE:-} >>"$LOG" 2>&1; then
+    # shellcheck disable=SC2086  # FAILED_EXCLUDE is a list of flags
+    if timeout 30 "$PY" benchmarks/choose_defaults.py "$CSV" --write --fill ${FAILED_EXCLUDE:-} >>"$LOG" 2>&1; then
       say "bench train_step: default order from the rows measured so far"
     fi
   fi
@@ -208,6 +222,8 @@ for sw in $SUITES; do
   cat "$WORK/bench_$s.log" >>"$LOG"
   grep -E "^(FAILED|ERROR)" "$WORK/bench_$s.log" | head -10
   say "bench $s: rc=$rc: $(tail -1 "$WORK/bench_$s.log")"
+  # the rows so far, where the device tool brings them back even if the call is cut off
+  [ -n "${OUT:-}" ] && [ -n "${CSV:-}" ] && [ -f "$CSV" ] && cp "$CSV" "$OUT/"
 done
 
 [ "$ORDER_SET" = 1 ] && cp "$WORK/measured_order.orig" saq_kernels/backends/measured_order.py
@@ -241,16 +257,16 @@ else
   say "no results file: nothing to plot or report"
 fi
 if [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT"
+  mkdir -p "$OUT" "$WORK/extras"
   [ -n "${CSV:-}" ] && [ -f "$CSV" ] && cp "$CSV" "$OUT/"
   [ -f "$WORK/report.md" ] && cp "$WORK/report.md" "$OUT/"
   [ -f "$WORK/measured_order.py" ] && cp "$WORK/measured_order.py" "$OUT/"
-  [ -s "$WORK/triton_sweep.md" ] && cp "$WORK/triton_sweep.md" "$OUT/"
-  [ -n "${CSV:-}" ] && ls "$(dirname "$CSV")"/triton_sweep-*.csv >/dev/null 2>&1 && cp "$(dirname "$CSV")"/triton_sweep-*.csv "$OUT/"
-  [ -n "${PLOTS:-}" ] && [ -d "$PLOTS" ] && tar -czf "$OUT/plots.tar.gz" -C "$(dirname "$PLOTS")" plots
-  ls "$WORK"/bench_*.json >/dev/null 2>&1 && tar -czf "$OUT/bench_json.tar.gz" -C "$WORK" $(cd "$WORK" && ls bench_*.json)
+  # everything else in one archive (the tool brings back at most 8 files)
+  [ -n "${CSV:-}" ] && ls "$(dirname "$CSV")"/triton_sweep-*.csv >/dev/null 2>&1 && cp "$(dirname "$CSV")"/triton_sweep-*.csv "$WORK/extras/"
+  [ -n "${PLOTS:-}" ] && [ -d "$PLOTS" ] && cp -r "$PLOTS" "$WORK/extras/"
+  cp "$WORK"/bench_*.json "$WORK"/tests.log "$WORK"/memcheck.log "$WORK"/build.log "$WORK/extras/" 2>/dev/null
+  tar -czf "$OUT/extras.tar.gz" -C "$WORK" extras
   say "copied results to \$OUT ($(ls "$OUT" | tr '\n' ' '))"
-  cp "$LOG" "$OUT/gpu_check.log"
 fi
 say "done in ${SECONDS}s"
 echo

@@ -96,6 +96,27 @@ def test_choose_pairs_quantizer_forward_and_backward_on_fwd_bwd_rows():
     assert "grad_sq_norm" not in got
 
 
+def test_fill_gives_unmeasured_ops_and_dtypes_a_measured_order_of_their_family():
+    # a budget-cut GPU run: fp32 quantizer rows only, one SAM op; the train step's ops in bf16
+    # and the other SAM ops must not fall back to CUDA's base order (the reference)
+    rows = (quant_rows({"saq-triton": {"a": 1.0}, "saq-cuda": {"a": 2.0}})
+            + [row("sam_perturb_", "saq-cuda", "update", "resnet50", "fp32", 1.0),
+               row("sam_perturb_", "saq-triton", "update", "resnet50", "fp32", 2.0)])
+    got = cd.choose(rows)
+    assert "bf16" not in got["fake_quantize"] and "liq_quantize" not in got
+    cd.fill_missing(got)
+    assert got["fake_quantize"]["bf16"].order == ["triton", "cuda"]
+    assert got["liq_quantize_backward"]["bf16"].order == ["triton", "cuda"]  # from its family
+    assert got["liq_quantize"]["fp32"].filled_from == "fake_quantize/fp32"
+    assert got["fake_quantize"]["fp32"].filled_from == ""  # measured ones untouched
+    for op in cd.SAM_OPS:
+        assert got[op]["fp32"].order == got[op]["bf16"].order == ["cuda", "triton"], op
+    assert "no rows of its own" in got["sam_restore_sgd_"]["fp32"].comment()
+    empty = {}
+    cd.fill_missing(empty)
+    assert empty == {}
+
+
 def test_write_round_trip_keeps_other_device_types(tmp_path):
     module = tmp_path / "measured_order.py"
     gpu = tmp_path / "nvidia-h100-80gb-hbm3.csv"
