@@ -13,6 +13,7 @@ with code 2; unknown names are rejected by argparse (also code 2).
 """
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -160,6 +161,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     0 on success; 2 for usage errors (argparse) and for errors the user can fix, which are
     printed as one line ("saq <command>: error: ...") without a traceback.
     """
+    from saq.data import DataError
     from saq.train.checkpoint import CheckpointError
     from saq.train.config import ConfigError
 
@@ -170,9 +172,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(e.code or 0)
     try:
         return _run(args)
-    except (FileNotFoundError, NotADirectoryError, ConfigError, CheckpointError) as e:
+    except (FileNotFoundError, NotADirectoryError, ConfigError, CheckpointError, DataError) as e:
         msg = str(e).strip().replace("\n", " ")
-        print(f"saq {args.command}: error: {msg}", file=sys.stderr)
+        # under torchrun every rank meets the same error: one line, from rank 0
+        if os.environ.get("RANK", "0") == "0":
+            print(f"saq {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except ImportError as e:
         if "pip install" not in str(e):  # a deliberate, actionable message; else a real bug

@@ -17,13 +17,13 @@ from typing import Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
-from .base import BatchKey, EpochBatchSampler, ShardSampler, TensorImageDataset
+from .base import BatchKey, DataError, EpochBatchSampler, ShardSampler, TensorImageDataset
 from .cifar import cifar_dataset
 from .digits import digits_dataset, digits_split, digits_split_indices
 from .imagefolder import imagefolder_dataset
 from .transforms import BatchTransform, batch_generator, mix_seed, random_crop_flip
 
-__all__ = ["DATASET_NAMES", "get_dataset", "make_loaders", "set_epoch", "BatchKey",
+__all__ = ["DATASET_NAMES", "get_dataset", "make_loaders", "set_epoch", "BatchKey", "DataError",
            "EpochBatchSampler", "ShardSampler", "TensorImageDataset", "BatchTransform",
            "batch_generator", "mix_seed", "random_crop_flip", "digits_split",
            "digits_split_indices"]

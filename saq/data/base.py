@@ -18,7 +18,12 @@ from torch.utils.data import Dataset, Sampler
 
 from .transforms import batch_generator
 
-__all__ = ["BatchKey", "EpochBatchSampler", "ShardSampler", "TensorImageDataset"]
+__all__ = ["BatchKey", "DataError", "EpochBatchSampler", "ShardSampler", "TensorImageDataset"]
+
+
+class DataError(ValueError):
+    """A data set file that exists but cannot be used (damaged, foreign, wrong shape); the
+    message names the file and the fix. The command line prints it as one line."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from .base import TensorImageDataset
+from .base import DataError, TensorImageDataset
 from .transforms import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD,
                          BatchTransform)
 
@@ -53,8 +53,16 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def _load_pickle(path: str) -> dict:
-    with open(path, "rb") as f:
-        d = _CifarUnpickler(f, encoding="bytes").load()
+    """One CIFAR batch file as a dict; a damaged or foreign file raises ValueError naming it."""
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="bytes").load()
+        if not isinstance(d, dict):
+            raise pickle.UnpicklingError(f"a {type(d).__name__}, not a dict")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"saq.data cifar: cannot read {path}: {first}; download and extract the "
+                         "archive again") from e
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
@@ -97,7 +105,7 @@ def load_cifar(name: str, root: str, train: bool = True
         data = np.asarray(d["data"], dtype=np.uint8)
         labels = np.asarray(d[spec["label_key"]], dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-            raise ValueError(f"saq.data {name}: {f} holds data {data.shape} and "
+            raise DataError(f"saq.data {name}: {f} holds data {data.shape} and "
                              f"{len(labels)} labels; expected [N, 3072] and N labels")
         xs.append(data.reshape(-1, 3, 32, 32))
         ys.append(labels)

@@ -62,6 +62,11 @@ def atomic_save(obj: Any, path: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                dir=folder)
     try:
+        # mkstemp creates the file 0600; a checkpoint gets the permissions of any new file (the
+        # umask's), as best.pt, written by copyfile, does
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -132,6 +137,9 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     is unreadable/corrupt, not a saq checkpoint, of another format version, or lacks keys.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path!r} is a folder; name a file in it, e.g. "
+                                f"{os.path.join(path, 'last.pt')}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
@@ -154,11 +162,15 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     return ckpt
 
 
-def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], path: str) -> None:
+def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], path: str,
+                     what: str = "the model built from its config") -> None:
     """model.load_state_dict(state, strict) with an error naming the file, the missing and
-    unexpected keys and the shape mismatches (a checkpoint of another model/bits/quantizer)."""
+    unexpected keys and the shape mismatches (a checkpoint of another model/bits/quantizer).
+    ``what``: the model, as the message names it."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    # "<layer>.quant_initialized" (has the quantizer's first-batch init run?) is optional: saq
+    # checkpoints written before it existed load as initialized (saq/nn/modules.py)
+    missing = [k for k in own if k not in state and not k.endswith(".quant_initialized")]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and hasattr(state[k], "shape")
@@ -173,6 +185,5 @@ def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], pat
             parts.append(f"unexpected keys: {cut(unexpected)}")
         if shapes:
             parts.append(f"shape mismatch: {cut(shapes)}")
-        raise CheckpointError(f"checkpoint {path!r} does not fit the model built from its "
-                              f"config ({'; '.join(parts)})")
+        raise CheckpointError(f"checkpoint {path!r} does not fit {what} ({'; '.join(parts)})")
     model.load_state_dict(state, strict=True)

@@ -11,6 +11,7 @@ arguments finishes in well under a minute (numbers beside DATASET_DEFAULTS); the
 reference recipes of docs/SAQ.md section 4.
 """
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -103,10 +104,11 @@ class TrainConfig:
         return cls(**kw)
 
 
-# Fields that fix the model, its parameters or the optimizer state layout: a checkpoint can only
-# be resumed (or evaluated) with the same values.
+# Fields that fix the model, its parameters or the optimizer state layout, and the seed (it also
+# picks the digits train/test split and the data order the checkpoint's position refers to): a
+# checkpoint can only be resumed with the same values.
 STRUCTURAL_FIELDS = ("dataset", "model", "wbits", "abits", "quantizer", "per_channel",
-                     "first_last_bits", "method", "case", "optimizer")
+                     "first_last_bits", "method", "case", "optimizer", "seed")
 
 # digits defaults, measured with `saq train` on 2 shared CPU cores (torch 2.13 CPU build, C++
 # kernels), test split of 360 images (1 image = 0.28 %), final top-1 over seeds 0/1/2:
@@ -208,8 +210,12 @@ def _check(cfg: TrainConfig) -> None:
              f"--{name.replace('_', '-')} must be one of {BIT_CHOICES}, got {getattr(cfg, name)}")
     need(cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}")
     need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
-    need(cfg.lr > 0 and cfg.clip_lr > 0, "--lr and --clip-lr must be > 0")
-    need(cfg.rho >= 0, f"--rho must be >= 0, got {cfg.rho}")
+    need(0 < cfg.lr < math.inf and 0 < cfg.clip_lr < math.inf,
+         f"--lr and --clip-lr must be finite and > 0, got {cfg.lr} and {cfg.clip_lr}")
+    need(0 <= cfg.rho < math.inf, f"--rho must be finite and >= 0, got {cfg.rho}")
+    need(0 < cfg.gamma < math.inf, f"--gamma (step decay factor) must be finite and > 0, got {cfg.gamma}")
+    need(0 <= cfg.eta < math.inf, f"--eta must be finite and >= 0, got {cfg.eta}")
+    need(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
     need(cfg.optimizer in ("sgd", "adamw"), "--optimizer must be sgd or adamw")
     need(cfg.scheduler in ("cosine", "step"), "--scheduler must be cosine or step")
     need(cfg.amp in ("none", "bf16", "fp16"), "--amp must be none, bf16 or fp16")
@@ -220,8 +226,9 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.max_steps is None or cfg.max_steps >= 1, "--max-steps must be >= 1")
     need(cfg.warmup_epochs >= 0, "--warmup-epochs must be >= 0")
     need(cfg.ascent_every >= 1, f"--ascent-every must be >= 1, got {cfg.ascent_every}")
-    need(cfg.momentum >= 0, f"--momentum must be >= 0, got {cfg.momentum}")
-    need(cfg.weight_decay is None or cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    need(0 <= cfg.momentum < math.inf, f"--momentum must be finite and >= 0, got {cfg.momentum}")
+    need(cfg.weight_decay is None or 0 <= cfg.weight_decay < math.inf,
+         f"--weight-decay must be finite and >= 0, got {cfg.weight_decay}")
     need(not cfg.per_channel or cfg.quantizer in ("lsq", "lsq+"),
          f"--per-channel needs --quantizer lsq or lsq+ (per-channel weight scales), got {cfg.quantizer!r}")
     need(cfg.out is None or not os.path.exists(cfg.out) or os.path.isdir(cfg.out),

@@ -65,8 +65,9 @@ def build_config(explicit: Dict[str, Any]) -> TrainConfig:
     runs/<dataset>-<model>-<method>-w<wb>a<ab>-<timestamp>.
     Resume (--resume PATH, or --resume auto with an existing <out>/last.pt): the checkpoint's
     config, with explicit options on top (RUN_LOCAL_FIELDS such as --max-steps are not
-    inherited); changing an option that fixes the model or optimizer
-    layout (STRUCTURAL_FIELDS) raises ConfigError. ``out`` defaults to the checkpoint's folder.
+    inherited); changing an option that fixes the model, the optimizer layout or the data
+    (STRUCTURAL_FIELDS; the batch size too for a checkpoint taken mid-epoch) raises ConfigError.
+    ``out`` defaults to the checkpoint's folder.
     --resume auto without a last.pt starts a fresh run in --out. A fresh run into a folder that
     holds a run's last.pt raises ConfigError unless ``overwrite`` is set (its checkpoints would be
     replaced an epoch later).
@@ -93,8 +94,12 @@ def build_config(explicit: Dict[str, Any]) -> TrainConfig:
         if cfg.out is None:
             cfg = dataclasses.replace(cfg, out=default_run_name(cfg))
         return cfg
-    saved = TrainConfig.from_dict(ckpt_mod.load_checkpoint(path)["config"])
-    changed = [k for k in STRUCTURAL_FIELDS if k in explicit and explicit[k] != getattr(saved, k)]
+    ck = ckpt_mod.load_checkpoint(path)
+    saved = TrainConfig.from_dict(ck["config"])
+    structural = STRUCTURAL_FIELDS
+    if ck.get("batch", 0):  # stopped mid-epoch: its position counts batches of that size
+        structural = structural + ("batch_size",)
+    changed = [k for k in structural if k in explicit and explicit[k] != getattr(saved, k)]
     if changed:
         raise ConfigError(
             f"--resume {path!r}: the checkpoint was trained with "
@@ -135,7 +140,7 @@ def _load_pretrained(model: nn.Module, path: str) -> None:
             while k.startswith(prefix):
                 k = k[len(prefix):]
         state[k] = v
-    ckpt_mod.load_model_state(model, state, path)
+    ckpt_mod.load_model_state(model, state, path, what="this run's float model (--pretrained)")
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_chans: int,
@@ -360,14 +365,18 @@ def _init_quantizers_once(model, loader, set_epoch, epoch, device, amp) -> None:
             m._buffers[k].copy_(v)
 
 
-def _save(cfg, env, model, opt, sched, scaler, epoch, batch, step, best, elapsed, is_best):
+def _save(cfg, env, model, opt, sched, scaler, epoch, batch, step, best, elapsed, is_best,
+          partial=None):
     if not env.is_main:
         return
+    extra = {"elapsed": elapsed}
+    if partial is not None:  # stopped mid-epoch: the epoch's sums so far, for its row on resume
+        extra["partial"] = partial
     ck = ckpt_mod.make_checkpoint(
         model_state=dist_mod.unwrap(model).state_dict(), optimizer_state=opt.state_dict(),
         scheduler_state=sched.state_dict(), scaler_state=scaler.state_dict(),
         config=cfg.to_dict(), epoch=epoch, batch=batch, global_step=step, best=best,
-        extra={"elapsed": elapsed})
+        extra=extra)
     last = os.path.join(cfg.out, "last.pt")
     ckpt_mod.atomic_save(ck, last)
     if is_best:
@@ -437,6 +446,7 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
     sched = build_scheduler(cfg, base, spe)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start_epoch, start_batch, step, best, elapsed0 = 0, 0, 0, {}, 0.0
+    partial: Dict[str, float] = {}
     if ck is not None:
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
         _load_state("optimizer", opt, ck["optimizer"], cfg.resume)
@@ -447,6 +457,8 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
         ckpt_mod.restore_rng_state(ck["rng"])
         start_epoch, start_batch, step = ck["epoch"], ck["batch"], ck["global_step"]
         best, elapsed0 = dict(ck.get("best") or {}), float(ck.get("extra", {}).get("elapsed", 0))
+        if start_batch:  # the stopped epoch's sums so far: its row covers the whole epoch
+            partial = dict(ck.get("extra", {}).get("partial") or {})
         log(f"resumed from {cfg.resume}: epoch {start_epoch + 1}, batch {start_batch}, "
             f"step {step}")
     if env.distributed:
@@ -511,6 +523,16 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
                                                 device=device)])
         loss_sum, correct, seen = dist_mod.all_reduce_sum(totals).tolist()  # all ranks
         epoch_time = time.perf_counter() - t0
+        skipped = stepper.skipped() - skipped0
+        # an epoch resumed mid-way adds the sums its first part saved (the same on every rank)
+        prior = partial if epoch == start_epoch else {}
+        loss_sum += prior.get("loss_sum", 0.0)
+        correct += prior.get("correct", 0.0)
+        seen += prior.get("seen", 0.0)
+        steps_done += int(prior.get("steps", 0))
+        train_time += prior.get("train_time", 0.0)
+        epoch_time += prior.get("epoch_time", 0.0)
+        skipped += int(prior.get("skipped", 0))
         row = {
             "epoch": epoch + 1, "steps": steps_done,
             "train_loss": loss_sum / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1),
@@ -518,8 +540,10 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
             "lr": base.param_groups[0]["lr"], "epoch_time": epoch_time,
             "time_per_step": train_time / max(steps_done, 1),
             "images_per_s": seen / max(train_time, 1e-9),
-            "skipped_steps": stepper.skipped() - skipped0,
+            "skipped_steps": skipped,
         }
+        sums = dict(loss_sum=loss_sum, correct=correct, seen=seen, steps=steps_done,
+                    train_time=train_time, epoch_time=epoch_time, skipped=skipped)
         metrics.log(row)
         is_best = not best or row["top1"] > best.get("top1", -1.0)
         if is_best:
@@ -532,7 +556,8 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
         done_epoch = batch >= spe
         elapsed = elapsed0 + time.perf_counter() - t_start
         _save(cfg, env, model, opt, sched, scaler, epoch + 1 if done_epoch else epoch,
-              0 if done_epoch else batch, step, best, elapsed, is_best)
+              0 if done_epoch else batch, step, best, elapsed, is_best,
+              partial=None if done_epoch else sums)
         if stopped:
             log(f"stopped at --max-steps {cfg.max_steps} (step {step})")
             break

@@ -111,6 +111,26 @@ def test_resume_exact_smoke(tmp_path):
     _assert_bitwise_equal(straight["model"], resumed["model"], "model")
     _assert_bitwise_equal(straight["optimizer"]["base"]["state"],
                           resumed["optimizer"]["base"]["state"], "optimizer")
+    # the resumed epoch's row covers the whole epoch, as the uninterrupted run's does
+    (ra,), (rb,) = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                    for d in ("a", "b"))
+    assert ra["steps"] == rb["steps"] == 3 and ra["skipped_steps"] == rb["skipped_steps"]
+    for k in ("train_loss", "train_acc", "top1", "test_loss"):
+        assert rb[k] == pytest.approx(ra[k], rel=1e-12, abs=1e-12), k
+    assert rb["images_per_s"] == pytest.approx(1437 / rb["time_per_step"] / 3, rel=1e-6)
+
+
+def test_resume_refuses_what_would_change_the_data(tiny_ckpt):
+    from saq.train.config import ConfigError
+    from saq.train.loop import build_config
+
+    # tiny_ckpt stopped mid-epoch (step 2 of 3): its position counts batches of 512
+    with pytest.raises(ConfigError, match="batch_size=512.*batch_size=64"):
+        build_config({"resume": tiny_ckpt, "batch_size": 64})
+    # the seed picks the digits train/test split: another one would train on test images
+    with pytest.raises(ConfigError, match="seed=0.*seed=1"):
+        build_config({"resume": tiny_ckpt, "seed": 1})
+    assert build_config({"resume": tiny_ckpt, "batch_size": 512, "seed": 0}).resume == tiny_ckpt
 
 
 def test_resume_applies_changed_hyperparameters(tmp_path):
@@ -169,6 +189,18 @@ def test_other_format_version(tiny_ckpt, tmp_path):
     torch.save(ck, p)
     with pytest.raises(CheckpointError, match="lacks key"):
         load_checkpoint(p)
+
+
+def test_checkpoint_from_before_the_init_flag_loads(tiny_ckpt, tmp_path):
+    # saq checkpoints written before state dicts carried "<layer>.quant_initialized"
+    ck = torch.load(tiny_ckpt, weights_only=True)
+    flags = [k for k in ck["model"] if k.endswith(".quant_initialized")]
+    assert flags and all(bool(ck["model"][k]) for k in flags)
+    for k in flags:
+        del ck["model"][k]
+    p = tmp_path / "old.pt"
+    torch.save(ck, p)
+    assert evaluate_checkpoint(str(p))["top1"] == evaluate_checkpoint(tiny_ckpt)["top1"]
 
 
 def test_incompatible_checkpoint(tiny_ckpt, tmp_path, capsys):

@@ -87,8 +87,14 @@ def test_preset_values_and_explicit_override(tmp_path):
 
 @pytest.mark.parametrize("argv,msg", [
     (["train", "--per-channel"], "--per-channel needs --quantizer lsq or lsq+"),
-    (["train", "--momentum", "-1"], "--momentum must be >= 0"),
-    (["train", "--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["train", "--momentum", "-1"], "--momentum must be finite and >= 0"),
+    (["train", "--weight-decay", "-0.1"], "--weight-decay must be finite and >= 0"),
+    (["train", "--lr", "inf"], "--lr and --clip-lr must be finite and > 0"),
+    (["train", "--lr", "nan"], "--lr and --clip-lr must be finite and > 0"),
+    (["train", "--rho", "inf"], "--rho must be finite"),
+    (["train", "--scheduler", "step", "--gamma", "-1"], "--gamma (step decay factor) must be finite and > 0"),
+    (["train", "--adaptive", "--eta", "-1"], "--eta must be finite and >= 0"),
+    (["train", "--workers", "-1"], "--workers must be >= 0"),
     (["eval", "--checkpoint", "x.pt", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["eval", "--checkpoint", "x.pt", "--device", "gpu"], "--device must be auto, cpu, cuda"),
 ])
@@ -171,6 +177,43 @@ def test_fresh_run_into_a_used_out_needs_resume_or_overwrite(smoke_run, capsys):
 def test_eval_missing_checkpoint(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "nope.pt" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path)]) == 2
+    assert "is a folder; name a file in it" in capsys.readouterr().err
+
+
+def test_checkpoints_get_the_umask_permissions(smoke_run):
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("last.pt", "best.pt"):  # mkstemp's 0600 would lock other users out of last.pt
+        assert stat.S_IMODE(os.stat(smoke_run / name).st_mode) == 0o666 & ~umask, name
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_damaged_cifar_file_is_one_line_exit_2(tmp_path, capsys, damage):
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+    payload = pickle.dumps({"data": [1, 2, 3]}) if damage == "truncated" else pickle.dumps(print)
+    for f in files:
+        (folder / f).write_bytes(payload[: len(payload) // 2] if damage == "truncated" else payload)
+    rc = main(["train", "--dataset", "cifar10", "--data-root", str(tmp_path),
+               "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "Traceback" not in err and "\n" not in err, err
+    assert err.startswith("saq train: error: saq.data cifar: cannot read") and "data_batch_1" in err
+
+
+def test_errors_under_torchrun_print_once(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--lr", "-1"]) == 2
+    assert capsys.readouterr().err == ""  # rank 0 says it
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--lr", "-1"]) == 2
+    assert "--lr and --clip-lr" in capsys.readouterr().err
 
 
 @pytest.mark.slow

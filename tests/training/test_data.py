@@ -270,8 +270,11 @@ def test_cifar_pickle_refuses_code(tmp_path):
     path = _write_fake_cifar(str(tmp_path), "cifar10")
     with open(os.path.join(path, "test_batch"), "wb") as fh:
         pickle.dump({b"data": _Evil(), b"labels": []}, fh)
-    with pytest.raises(pickle.UnpicklingError, match="print"):
+    from saq.data import DataError
+
+    with pytest.raises(DataError, match="refusing to load global builtins.print") as info:
         get_dataset("cifar10", str(tmp_path), train=False)
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
 
 
 # ---------------------------------------------------------------- ImageFolder
