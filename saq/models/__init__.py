@@ -47,7 +47,8 @@ def get_model(name: str, num_classes: int, **kw) -> nn.Module:
 
     ``kw`` goes to the constructor: ``in_chans`` for every model; ``img_size``, ``patch_size``,
     ``dim``, ``depth``, ``num_heads`` for vit_tiny; ``width`` for preact_resnet20 / digits_cnn;
-    ``zero_init_residual`` for resnet18/50; ``dropout`` for mobilenetv2.
+    ``zero_init_residual`` for resnet18/50 (default False) and mobilenetv2 / mobilenetv2_cifar
+    (default True: see saq/models/mobilenetv2.py); ``dropout`` for mobilenetv2.
     The model takes [B, C, H, W] float input, see ``default_input_size``, and returns
     [B, num_classes] logits. Raises ValueError for an unknown name or a bad num_classes.
     """

@@ -1,6 +1,15 @@
 """MobileNetV2: the ImageNet network (torchvision parameter names) and the CIFAR variant of the
 SAQ reference code (its parameter names: ``conv1, bn1, layers.{i}.conv1..bn3/shortcut, conv2,
 bn2, linear``).
+
+``zero_init_residual`` (default True): the last BatchNorm of every block with a shortcut starts
+with gamma 0, so each such block starts as its shortcut. Quantized from scratch, MobileNetV2 needs
+it: a block's input is signed (a linear bottleneck plus the shortcut), and the unsigned
+activation quantizers of the reference recipe clip it to [0, clip]; BatchNorm then normalizes a
+narrow quantized tensor, and the gradient grows about 3x per block going backwards (at init, W4A4
+LIQ: largest gradient 4e5 against 1.6 in float; 8 with the zero init), enough to overflow within
+a few steps. Loading pretrained weights replaces the init; ``zero_init_residual=False`` is the
+reference code's initialization.
 """
 from typing import List, Tuple
 
@@ -64,7 +73,8 @@ class MobileNetV2(nn.Module):
     Input [B, in_chans, 224, 224] float (any size >= 32 works). Output [B, num_classes] logits.
     """
 
-    def __init__(self, num_classes: int = 1000, in_chans: int = 3, dropout: float = 0.2):
+    def __init__(self, num_classes: int = 1000, in_chans: int = 3, dropout: float = 0.2,
+                 zero_init_residual: bool = True):
         super().__init__()
         cin = 32
         features: List[nn.Module] = [_conv_bn_relu6(in_chans, cin, stride=2)]
@@ -84,6 +94,10 @@ class MobileNetV2(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
+        if zero_init_residual:  # see the module docstring
+            for m in self.modules():
+                if isinstance(m, InvertedResidual) and m.use_res_connect:
+                    nn.init.zeros_(m.conv[-1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.adaptive_avg_pool2d(self.features(x), 1)
@@ -124,7 +138,7 @@ class MobileNetV2Cifar(nn.Module):
     Input [B, in_chans, 32, 32] float -> [B, num_classes] logits.
     """
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 3):
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, zero_init_residual: bool = True):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, 32, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(32)
@@ -137,6 +151,10 @@ class MobileNetV2Cifar(nn.Module):
         self.conv2 = nn.Conv2d(cin, 1280, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(1280)
         self.linear = nn.Linear(1280, num_classes)
+        if zero_init_residual:  # see the module docstring
+            for b in self.layers:
+                if b.stride == 1:
+                    nn.init.zeros_(b.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -149,6 +167,6 @@ def mobilenetv2(num_classes: int = 1000, in_chans: int = 3, **kw) -> MobileNetV2
     return MobileNetV2(num_classes=num_classes, in_chans=in_chans, **kw)
 
 
-def mobilenetv2_cifar(num_classes: int = 10, in_chans: int = 3) -> MobileNetV2Cifar:
+def mobilenetv2_cifar(num_classes: int = 10, in_chans: int = 3, **kw) -> MobileNetV2Cifar:
     """CIFAR MobileNetV2 of the SAQ reference recipe. Input [B, in_chans, 32, 32]."""
-    return MobileNetV2Cifar(num_classes=num_classes, in_chans=in_chans)
+    return MobileNetV2Cifar(num_classes=num_classes, in_chans=in_chans, **kw)
