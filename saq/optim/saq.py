@@ -535,8 +535,40 @@ class SAQ(Optimizer):
                 "steps": self.steps,
                 "skipped_steps": self.skipped_steps,
                 "ascent_every": self.ascent_every,
+                "last": self._last_state(),
             },
         }
+
+    def _last_state(self) -> Optional[dict]:
+        """The efficient mode's last perturbation by position (quantized layer, perturbed small
+        parameter), so that a resumed run re-applies it as the uninterrupted one would."""
+        if self._last is None:
+            return None
+        layer_pos = {id(m): i for i, m in enumerate(self.qlayers)}
+        small_pos = {id(p): i for i, (p, _) in enumerate(self.small)}
+        return {
+            "weights": {layer_pos[id(m)]: e for m, e in self._last["weights"]},
+            "scale": self._last["scale"],
+            "small": {small_pos[id(p)]: d for p, d in self._last["small"]},
+        }
+
+    def _load_last(self, last: Optional[dict]) -> Optional[dict]:
+        if last is None:
+            return None
+        try:
+            weights = [(self.qlayers[int(i)], e.to(self.qlayers[int(i)].weight.device))
+                       for i, e in last["weights"].items()]
+            small = [(self.small[int(i)][0], d.to(self.small[int(i)][0].device))
+                     for i, d in last["small"].items()]
+            for (m, e) in weights:
+                if e.shape != m.weight.shape:
+                    raise IndexError(f"a perturbation of shape {tuple(e.shape)} for a weight of {tuple(m.weight.shape)}")
+            scale = last["scale"].to(weights[0][0].weight.device if weights else last["scale"].device)
+        except (KeyError, IndexError, AttributeError, TypeError) as exc:
+            raise ValueError(
+                f"saq.SAQ.load_state_dict: the saved efficient-mode perturbation does not fit this "
+                f"model ({exc}); load the state into the model it was saved from") from exc
+        return {"weights": weights, "scale": scale, "small": small}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not isinstance(state_dict, dict) or "base" not in state_dict or "saq" not in state_dict:
@@ -553,7 +585,8 @@ class SAQ(Optimizer):
         self._skipped = torch.tensor(int(s["skipped_steps"]), dtype=torch.int64, device=dev)
         self._skipped_seen = int(s["skipped_steps"])
         self.param_groups = self.base_optimizer.param_groups
-        self._last = None  # the efficient mode restarts with a full ascent after a resume
+        # the efficient mode's last perturbation (None: the next step makes a full ascent)
+        self._last = self._load_last(s.get("last"))
         self._set_capture(True)
 
     def __repr__(self) -> str:

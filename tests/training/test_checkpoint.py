@@ -120,6 +120,19 @@ def test_resume_exact_smoke(tmp_path):
     assert rb["images_per_s"] == pytest.approx(1437 / rb["time_per_step"] / 3, rel=1e-6)
 
 
+def test_resume_exact_in_the_efficient_mode(tmp_path):
+    """--ascent-every 2: the step after the cut re-applies the saved perturbation (a resumed run
+    used to start with a fresh ascent there)."""
+    common = ["--epochs", "1", "--ascent-every", "2"]
+    straight = _train(tmp_path / "a", *common, "--max-steps", "3")
+    cut = _train(tmp_path / "b", *common, "--max-steps", "1")
+    assert cut["optimizer"]["saq"]["last"] is not None
+    resumed = _train(tmp_path / "b", *common, "--max-steps", "3", "--resume", "auto")
+    _assert_bitwise_equal(straight["model"], resumed["model"], "model")
+    _assert_bitwise_equal(straight["optimizer"]["base"]["state"],
+                          resumed["optimizer"]["base"]["state"], "optimizer")
+
+
 def test_resume_refuses_what_would_change_the_data(tiny_ckpt):
     from saq.train.config import ConfigError
     from saq.train.loop import build_config

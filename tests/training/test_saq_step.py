@@ -370,6 +370,20 @@ def test_state_dict_roundtrip_and_bad_state():
     assert other.adaptive and other.rho == RHO and other.steps == 1
     with pytest.raises(ValueError, match="'base' and 'saq'"):
         other.load_state_dict({"state": {}})
+    # the efficient mode's last perturbation travels with the state (by layer position)
+    eff = saq.SAQ(net, torch.optim.SGD(net.parameters(), lr=LR), rho=RHO, ascent_every=2)
+    eff.step(lambda: _loss_backward(net, x, y))
+    sd = eff.state_dict()
+    assert set(sd["saq"]["last"]["weights"]) == {0, 1}
+    twin = make_net()
+    back = saq.SAQ(twin, torch.optim.SGD(twin.parameters(), lr=LR), rho=RHO, ascent_every=2)
+    back.load_state_dict(sd)
+    assert not back.needs_ascent()
+    assert all(m is twin.conv or m is twin.fc for m, _ in back._last["weights"])
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(back._last["weights"], eff._last["weights"]))
+    sd["saq"]["last"]["weights"][5] = sd["saq"]["last"]["weights"][0]
+    with pytest.raises(ValueError, match="perturbation does not fit this model"):
+        back.load_state_dict(sd)
 
 
 def test_bad_arguments():
