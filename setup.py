@@ -30,8 +30,9 @@ def _build_helpers():
 
 
 class BuildPyWithSources(build_py):
-    """Ships csrc/ as saq_kernels/_csrc in wheels, so an install whose extension is missing or
-    stale can still JIT-build it (saq_kernels._build.csrc_dir)."""
+    """Ships csrc/ as saq_kernels/_csrc in wheels, so an install whose extension is missing can
+    still JIT-build it (saq_kernels._build.csrc_dir); a stale one is refused with the rebuild
+    command."""
 
     def run(self):
         super().run()

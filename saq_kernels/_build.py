@@ -9,7 +9,8 @@ Environment:
     SAQ_BUILD_CUDA=0  build only the C++ CPU kernels even where a CUDA torch and nvcc exist.
     SAQ_JIT_BUILD=0   never JIT-build at run time; without a prebuilt extension the "cpp" and
                       "cuda" backends are then unavailable.
-    SAQ_BUILD_DIR     JIT build directory (default ~/.cache/saq/<torch version>-<cpu|cuda>).
+    SAQ_BUILD_DIR     JIT build directory (default ~/.cache/saq/torch<version>-<cpu|cuda>, "+" as
+                      "_", e.g. torch2.13.0_cpu-cpu).
     SAQ_SANITIZE=address  development: ignore a prebuilt extension and JIT-build the C++ CPU
                       kernels with AddressSanitizer (no CUDA; build directory tagged -asan). The
                       process must run with the sanitizer runtime preloaded, see

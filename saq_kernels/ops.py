@@ -194,7 +194,8 @@ def fake_quantize(
     ``Q(x + s*e)`` (Case 2, ``perturb_before=True``); e gets ``s * dL/dy`` (after) or
     ``s * dL/d(x + s*e)`` (before) when it requires grad, s gets none.
 
-    x: fp32 / fp16 / bf16, any shape. Returns a new tensor shaped and typed like x.
+    x: fp32 / fp16 / bf16 (float64 runs on the reference), any shape. Returns a new tensor shaped
+    and typed like x.
 
     ``relu=True`` (no perturbation) computes ``Q(relu(x))`` and its gradients from the
     pre-activation x in the same single pass: every term at ``relu(x)``, and ``dx`` gated by
@@ -302,14 +303,16 @@ def liq_quantize(
     perturb_before: bool = False,
     relu: bool = False,
 ) -> Tensor:
-    """The LIQ quantizer of the SAQ reference code (SAQ.md section 3), with its clip gradient.
+    """The LIQ quantizer of the SAQ reference code, with its clip gradient.
 
     ``c = |clip|``, ``n = 2^bits - 1``; ``xs = (x - mean(x)) / std(x)`` when ``standardize``.
     Signed (weights): ``y = (2 * round(n * (clamp(xs/c, -1, 1) + 1) / 2) / n - 1) * c``.
     Unsigned (activations): ``y = round(n * clamp(xs/c, 0, 1)) / n * c``.
-    Backward: straight-through inside the closed clip range; ``dy/dc = y/c - (xs/c) * inside``.
-    ``bits == 32`` returns x unchanged (plus ``s*e`` if perturbed after). Perturbation as in
-    :func:`fake_quantize`. x: fp32 / fp16 / bf16, any shape; clip: shape ``[1]`` or ``[]``.
+    Backward: straight-through inside the closed clip range;
+    ``dy/dclip = (y/c - (xs/c) * inside) * sign(clip)``.
+    ``bits == 32`` returns x unchanged, plus ``s*e`` when perturbed (before or after: there is no
+    quantizer between). Perturbation as in :func:`fake_quantize`. x: fp32 / fp16 / bf16 (float64
+    runs on the reference), any shape; clip: shape ``[1]`` or ``[]``.
 
     ``relu=True`` (unsigned, unstandardized, unperturbed only) computes ``Q(relu(x))`` from the
     pre-activation x, exactly: the forward is unchanged (the clamp at 0 already is the ReLU) and
@@ -386,7 +389,8 @@ def grad_sq_norm(
     """Squared global L2 norm of many gradients and a non-finite flag, without a host sync.
 
     ``norm_sq = sum_i ||g_i * (|p_i| + eta)||^2`` for ``adaptive[i]``, else ``||g_i||^2``.
-    Returns ``(norm_sq, found_inf)``: 0-dim fp32 tensors on the gradients' device.
+    Returns ``(norm_sq, found_inf)``: 0-dim tensors on the gradients' device, fp32 (fp64 for
+    fp64 gradients).
     """
     op = "grad_sq_norm"
     grads = list(grads)

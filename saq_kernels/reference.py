@@ -139,7 +139,7 @@ def fake_quantize_backward(
     ``dscale = sum(g * ((clamp(xq) - zp) * scale - x) * (1/scale))`` inside, ``g * (qmin - zp)``
     below, ``g * (qmax - zp)`` above, times ``grad_factor``;
     ``dzp = sum(-g * scale * grad_factor)`` outside, 0 inside. Sums over all elements (per
-    tensor) or all but ``axis`` (per channel). Returns ``(dx [x.dtype], dscale [fp32], dzp [fp32])``.
+    tensor) or all but ``axis`` (per channel). Returns ``(dx [x.dtype], dscale, dzp)``, the latter two fp32 (fp64 for fp64 x).
     ``relu``: the gradients of ``Q(relu(x))``: every term at ``relu(x)``, and ``dx`` times
     ``relu'(x) = (x > 0)``.
     """
@@ -210,7 +210,7 @@ def liq_quantize(
     perturb_scale: Optional[Tensor],
     perturb_before: bool,
 ) -> Tensor:
-    """The LIQ quantizer of SAQ.md section 3.
+    """The LIQ quantizer of the SAQ reference code.
 
     ``c = |clip|``, ``n = 2^bits - 1``, ``xs = (x - mean) / std`` if ``standardize`` else x.
     Signed (weights): ``y = (2 * round(n * (clamp(xs/c, -1, 1) + 1) / 2) / n - 1) * c``.

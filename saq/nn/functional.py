@@ -45,8 +45,9 @@ def dorefa_activation(x: Tensor, bits: int) -> Tensor:
 def pact_activation(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
     """PACT: ``y = round_ste(n * min(relu(x), a) / a) * a / n`` with ``a = |alpha|``.
 
-    The clip gets PACT's gradient (1 where ``x >= a``, 0 elsewhere): the rounding residual is
-    passed straight through, unlike LIQ/LSQ whose clip gradient includes it.
+    The clip gets PACT's gradient (1 where ``x > a``, 0 below, 1/2 at ``x == a``, where
+    ``torch.minimum`` splits the tie): the rounding residual is passed straight through, unlike
+    LIQ/LSQ whose clip gradient includes it.
     """
     n = float(2**bits - 1)
     a = alpha.abs().reshape(())

@@ -2,13 +2,14 @@
 
 Quantizers (``quantizer=``):
 
-* ``"liq"`` (the SAQ reference quantizer, SAQ.md section 3): parameters ``weight_clip_value`` and
+* ``"liq"`` (the SAQ reference code's quantizer): parameters ``weight_clip_value`` and
   ``activation_clip_value`` (shape [1], the reference code's names, so its checkpoints load).
   Conv weights are standardized; linear weights are not. Init as the reference: linear clips
   ``0.8 * max|W|`` and ``0.8 * max|input|`` on the first batch; conv clips start at 1.0.
 * ``"lsq"``: ``weight_scale`` ([1] or [C_out] per channel) and ``activation_scale`` ([1]); signed
   weights in ``[-2^(b-1), 2^(b-1) - 1]``, unsigned activations in ``[0, 2^b - 1]``; LSQ's gradient
-  scale ``1/sqrt(numel * Qp)``. Data-driven init on the first batch: ``s = 2 mean|t| / sqrt(Qp)``.
+  scale ``1/sqrt(numel * Qp)`` (numel of the weight tensor; of one sample for activations, as
+  the LSQ paper). Data-driven init on the first batch: ``s = 2 mean|t| / sqrt(Qp)``.
 * ``"lsq+"``: LSQ plus a learned activation offset ``activation_zero_point``; activations init from
   the first batch's min/max (``s = (max - min) / (2^b - 1)``, ``zp = -min / s``).
 * ``"pact"``: DoReFa weights and PACT activations (``activation_clip_value``, init 0.8 max|x|).

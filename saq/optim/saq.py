@@ -1,6 +1,6 @@
 """saq.SAQ: sharpness-aware quantization (and plain SAM / ASAM) around any torch optimizer.
 
-One step (SAQ.md section 2), written for a loop that owns its forward/backward passes::
+One step (the SAQ reference code's Case-3 step; paper: arXiv 2111.12273), written for a loop that owns its forward/backward passes::
 
     loss = criterion(model(x), y); loss.backward()     # pass 1 (ascent)
     opt.ascent_step()                                   # global norm, perturb, zero grads
@@ -137,9 +137,11 @@ class SAQ(Optimizer):
             raise ValueError(f"saq.SAQ: ascent_every={ascent_every!r} must be an integer >= 1")
         kind = fused_kind(base_optimizer)
         if fused and kind is None:
+            tensor_lr = any(isinstance(g.get("lr"), torch.Tensor) for g in base_optimizer.param_groups)
             raise ValueError(
                 f"saq.SAQ: fused=True needs torch.optim.SGD or torch.optim.AdamW (no maximize, "
-                f"amsgrad or differentiable), got {type(base_optimizer).__name__}; use fused=False"
+                f"amsgrad or differentiable; AdamW with a float lr), got "
+                f"{type(base_optimizer).__name__}{' with a tensor lr' if tensor_lr else ''}; use fused=False"
             )
         self.model = model
         self.base_optimizer = base_optimizer

@@ -130,6 +130,18 @@ def make_checkpoint(*, model_state, optimizer_state, scheduler_state, scaler_sta
     return ckpt
 
 
+def load_error_reason(exc: BaseException) -> str:
+    """The one line of a torch.load failure worth showing. torch's weights-only message opens
+    with advice to retry with weights_only=False, wrong for a damaged file and unsafe for a
+    foreign one (saq never loads code from a checkpoint): keep its unpickler's reason."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    lines = [ln for ln in lines if "weights_only" not in ln and "Weights only load failed" not in ln]
+    return lines[0] if lines else type(exc).__name__
+
+
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     """Load and validate a saq checkpoint (weights_only: no code from the file runs).
 
@@ -145,9 +157,8 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path!r} cannot be read (corrupt, truncated or not "
-                              f"written by torch.save): {first}") from e
+                              f"written by torch.save): {load_error_reason(e)}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path!r} is not a saq checkpoint (no "
                               f"format={FORMAT!r} marker); for a plain float state_dict use "

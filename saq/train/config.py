@@ -8,7 +8,7 @@ the run folder name).
 
 The digits defaults were chosen by measurement on a 2-core CPU so that ``saq train`` with no
 arguments finishes in well under a minute (numbers beside DATASET_DEFAULTS); the CIFAR and ImageNet values are the
-reference recipes of docs/SAQ.md section 4.
+reference recipes (the SAQ reference code's README; paper: arXiv 2111.12273).
 """
 import dataclasses
 import math
@@ -146,9 +146,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         optimizer="sgd", momentum=0.9, weight_decay=1e-4),
 }
 PRESET_NOTES = {
-    "cifar100-resnet20-w4a4": "SAQ.md recipe, reported 68.7 top-1; start from --pretrained FP",
-    "cifar100-resnet20-w3a3": "SAQ.md recipe, reported 67.7 top-1; start from --pretrained FP",
-    "imagenet-resnet18-w4a4": "SAQ.md recipe (batch 512 = 4 x 128), reported 71.3 top-1",
+    "cifar100-resnet20-w4a4": "reference recipe, reported 68.7 top-1; start from --pretrained FP",
+    "cifar100-resnet20-w3a3": "reference recipe, reported 67.7 top-1; start from --pretrained FP",
+    "imagenet-resnet18-w4a4": "reference recipe (batch 512 = 4 x 128), reported 71.3 top-1",
 }
 
 

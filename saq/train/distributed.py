@@ -8,7 +8,7 @@ checkpoints.
 
 SAQ under DDP: pass 1 (the ascent) runs its backward inside ``model.no_sync()``, so no gradient
 all-reduce happens there and every replica perturbs with its own local gradient, as the
-reference code does (docs/SAQ.md section 2). Pass 2 all-reduces as usual; the perturbed small
+reference code does. Pass 2 all-reduces as usual; the perturbed small
 parameters are restored from copies that are identical on every rank, so replicas stay in sync.
 """
 import os

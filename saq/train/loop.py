@@ -126,7 +126,7 @@ def _load_pretrained(model: nn.Module, path: str) -> None:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         raise ckpt_mod.CheckpointError(f"--pretrained {path!r} cannot be read as a weights-only "
-                                       f"torch file: {str(e).splitlines()[0]}") from e
+                                       f"torch file: {ckpt_mod.load_error_reason(e)}") from e
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(obj.get(key), dict):
