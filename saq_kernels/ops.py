@@ -427,9 +427,13 @@ def sam_perturb_(
     """Save each parameter into ``backups`` and add the SAM perturbation in place.
 
     ``p += g * scale`` (or ``(p*p) * g * scale`` where ``adaptive``); ``scale`` is a 0-dim tensor.
-    Mutates params and backups (same shapes and dtypes as params).
+    Mutates params and backups (same shapes and dtypes as params). The design document's order,
+    ``sam_perturb_(params, grads, scale, backups)``, is accepted too (a tensor third argument and
+    a list fourth are swapped back).
     """
     op = "sam_perturb_"
+    if isinstance(backups, Tensor) and not isinstance(scale, Tensor):
+        backups, scale = scale, backups
     params, grads, backups = list(params), list(grads), list(backups)
     check_tensor_list(op, params=params, grads=grads, backups=backups)
     adaptive = [bool(a) for a in adaptive] if adaptive is not None else [False] * len(params)

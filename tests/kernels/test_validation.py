@@ -281,3 +281,13 @@ def test_cuda_float64_fallback_wrapper_runs_the_reference_only_for_that_refusal(
     assert all(torch.equal(p, b) for p, b in zip(ps, bs))
     with pytest.raises(RuntimeError, match="'lr' is on cpu"):
         _fp64_to_reference("sam_restore_", refuse("saq_C::sam_restore_: 'lr' is on cpu"))(ps, bs)
+
+
+def test_sam_perturb_accepts_the_design_documents_argument_order():
+    ps, gs = [torch.ones(3), torch.ones(2)], [torch.full((3,), 2.0), torch.full((2,), 2.0)]
+    a, b = [p.clone() for p in ps], [p.clone() for p in ps]
+    ba, bb = [torch.empty(3), torch.empty(2)], [torch.empty(3), torch.empty(2)]
+    sk.sam_perturb_(a, gs, ba, torch.tensor(0.5))
+    sk.sam_perturb_(b, gs, torch.tensor(0.5), bb)  # (params, grads, scale, backups)
+    assert all(torch.equal(x, y) for x, y in zip(a + ba, b + bb))
+    assert torch.equal(a[0], torch.full((3,), 2.0)) and torch.equal(ba[0], torch.ones(3))
