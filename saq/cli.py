@@ -174,8 +174,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _run(args)
     except (FileNotFoundError, NotADirectoryError, ConfigError, CheckpointError, DataError) as e:
         msg = str(e).strip().replace("\n", " ")
-        # under torchrun every rank meets the same error: one line, from rank 0
-        if os.environ.get("RANK", "0") == "0":
+        # under torchrun the ranks of a node usually meet the same error: one line per node
+        # (a node-local cause, such as a missing data folder, still shows on its node)
+        if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"saq {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except ImportError as e:

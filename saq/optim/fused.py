@@ -5,7 +5,9 @@ perturbed parameters (put first, with their backups) and steps every parameter w
 The optimizer state lives in ``base_optimizer.state[p]`` under torch's own keys
 (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq``, ``step``), so the base optimizer's state_dict,
 checkpoints and a later plain ``base.step()`` all keep working. The learning rate and the skip flag
-are device tensors: the step makes no host sync.
+are device tensors: the step makes no host sync, except SGD with ``dampening != 0`` on a step
+that creates momentum buffers (the first one, or a parameter's first gradient), which reads the
+flag to leave no buffer behind a skipped step, as torch.optim.SGD leaves none.
 """
 from __future__ import annotations
 

@@ -70,6 +70,13 @@ def _eager(fn):
 
     return wrapper
 
+def _replicas() -> int:
+    """The torch.distributed world size (1 outside a process group)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _either(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
     """The non-finite flags a OR b, as 0.0 / 1.0 on a's device (None: no flag).
 
@@ -565,6 +572,9 @@ class SAQ(Optimizer):
             for (m, e) in weights:
                 if e.shape != m.weight.shape:
                     raise IndexError(f"a perturbation of shape {tuple(e.shape)} for a weight of {tuple(m.weight.shape)}")
+            for (p, d) in small:
+                if d.shape != p.shape:
+                    raise IndexError(f"a delta of shape {tuple(d.shape)} for a parameter of {tuple(p.shape)}")
             scale = last["scale"].to(weights[0][0].weight.device if weights else last["scale"].device)
         except (KeyError, IndexError, AttributeError, TypeError) as exc:
             raise ValueError(
@@ -578,8 +588,13 @@ class SAQ(Optimizer):
                 "saq.SAQ.load_state_dict: expected a dict with keys 'base' and 'saq' (from SAQ.state_dict()); "
                 "to load a plain optimizer state use opt.base_optimizer.load_state_dict(...)"
             )
-        self.base_optimizer.load_state_dict(state_dict["base"])
         s = state_dict["saq"]
+        last = self._load_last(s.get("last"))  # validated before any state changes
+        if last is not None and not self.sync_ascent and _replicas() > 1:
+            # each replica perturbs with its local gradient, and only one replica's perturbation
+            # was saved: every replica starts over with a full ascent instead
+            last = None
+        self.base_optimizer.load_state_dict(state_dict["base"])
         self.rho, self.case, self.adaptive, self.eta = float(s["rho"]), int(s["case"]), bool(s["adaptive"]), float(s["eta"])
         self.steps = int(s["steps"])
         self.ascent_every = int(s.get("ascent_every", 1))
@@ -588,7 +603,7 @@ class SAQ(Optimizer):
         self._skipped_seen = int(s["skipped_steps"])
         self.param_groups = self.base_optimizer.param_groups
         # the efficient mode's last perturbation (None: the next step makes a full ascent)
-        self._last = self._load_last(s.get("last"))
+        self._last = last
         self._set_capture(True)
 
     def __repr__(self) -> str:

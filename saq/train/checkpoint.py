@@ -51,6 +51,21 @@ def saq_version() -> str:
         return "unknown"
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask sets it, for a
+    moment, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """torch.save(obj) to ``path`` atomically (temp file in the same folder + fsync + os.replace).
 
@@ -63,10 +78,11 @@ def atomic_save(obj: Any, path: str) -> None:
                                dir=folder)
     try:
         # mkstemp creates the file 0600; a checkpoint gets the permissions of any new file (the
-        # umask's), as best.pt, written by copyfile, does
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        # umask's), as best.pt, written by copyfile, does; a file system without modes keeps its own
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+        except OSError:
+            pass
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

@@ -6,7 +6,8 @@ LOCAL_RANK and WORLD_SIZE. With WORLD_SIZE > 1 ``setup`` initializes the default
 DistributedDataParallel. Only rank 0 prints, draws progress bars, writes metrics, plots and
 checkpoints.
 
-SAQ under DDP: pass 1 (the ascent) runs its backward inside ``model.no_sync()``, so no gradient
+SAQ under DDP: pass 1 (the ascent) runs its forward and backward inside ``model.no_sync()`` (DDP
+arms the all-reduce at forward time), so no gradient
 all-reduce happens there and every replica perturbs with its own local gradient, as the
 reference code does. Pass 2 all-reduces as usual; the perturbed small
 parameters are restored from copies that are identical on every rank, so replicas stay in sync.

@@ -518,7 +518,9 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
             torch.cuda.synchronize(device)
         train_time = time.perf_counter() - t0
         dist_mod.broadcast_buffers(model)
+        t_eval = time.perf_counter()
         ev = evaluate(model, test_loader, device, cfg.amp)
+        eval_time = time.perf_counter() - t_eval
         totals = torch.cat([stats, torch.tensor([float(seen)], dtype=torch.float64,
                                                 device=device)])
         loss_sum, correct, seen = dist_mod.all_reduce_sum(totals).tolist()  # all ranks
@@ -542,8 +544,9 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
             "images_per_s": seen / max(train_time, 1e-9),
             "skipped_steps": skipped,
         }
+        # (the first part's evaluation is not carried over: the whole epoch is evaluated once)
         sums = dict(loss_sum=loss_sum, correct=correct, seen=seen, steps=steps_done,
-                    train_time=train_time, epoch_time=epoch_time, skipped=skipped)
+                    train_time=train_time, epoch_time=epoch_time - eval_time, skipped=skipped)
         metrics.log(row)
         is_best = not best or row["top1"] > best.get("top1", -1.0)
         if is_best:

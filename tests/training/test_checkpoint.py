@@ -235,3 +235,14 @@ def test_incompatible_checkpoint(tiny_ckpt, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(p)]) == 2
     err = capsys.readouterr().err
     assert "lsq.pt" in err and "shape mismatch" in err and "Traceback" not in err
+
+
+def test_atomic_save_on_a_file_system_without_modes(tmp_path, monkeypatch):
+    def refuse(fd, mode):
+        raise PermissionError("Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", refuse)
+    path = tmp_path / "x.pt"
+    atomic_save({"a": torch.arange(3)}, path)
+    assert os.listdir(tmp_path) == ["x.pt"]
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.arange(3))

@@ -207,11 +207,11 @@ def test_damaged_cifar_file_is_one_line_exit_2(tmp_path, capsys, damage):
     assert err.startswith("saq train: error: saq.data cifar: cannot read") and "data_batch_1" in err
 
 
-def test_errors_under_torchrun_print_once(monkeypatch, capsys):
-    monkeypatch.setenv("RANK", "1")
+def test_errors_under_torchrun_print_once_per_node(monkeypatch, capsys):
+    monkeypatch.setenv("LOCAL_RANK", "1")
     assert main(["train", "--lr", "-1"]) == 2
-    assert capsys.readouterr().err == ""  # rank 0 says it
-    monkeypatch.setenv("RANK", "0")
+    assert capsys.readouterr().err == ""  # the node's local rank 0 says it
+    monkeypatch.setenv("LOCAL_RANK", "0")
     assert main(["train", "--lr", "-1"]) == 2
     assert "--lr and --clip-lr" in capsys.readouterr().err
 

@@ -1,4 +1,5 @@
-"""saq.SAQ reproduces SAQ.md section 2 to float64 rounding.
+"""saq.SAQ reproduces the SAQ reference code's Case-3 step (the method description's section 2) to
+float64 rounding.
 
 The expected values come from an independent re-derivation written here with plain torch ops, in
 the style of the reference code: straight-through rounding, quantized weights kept as tensors
@@ -381,6 +382,26 @@ def test_state_dict_roundtrip_and_bad_state():
     assert not back.needs_ascent()
     assert all(m is twin.conv or m is twin.fc for m, _ in back._last["weights"])
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(back._last["weights"], eff._last["weights"]))
+    # under DDP (without sync_ascent) each replica's perturbation is its own: a full ascent first
+    import saq.optim.saq as saq_mod
+
+    ddp = saq.SAQ(twin, torch.optim.SGD(twin.parameters(), lr=LR), rho=RHO, ascent_every=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(saq_mod, "_replicas", lambda: 2)
+        ddp.load_state_dict(sd)
+        assert ddp.needs_ascent()
+        synced = saq.SAQ(twin, torch.optim.SGD(twin.parameters(), lr=LR), rho=RHO, ascent_every=2,
+                         sync_ascent=True)
+        synced.load_state_dict(sd)
+        assert not synced.needs_ascent()
+    # a state that does not fit is refused before anything is loaded
+    fresh = saq.SAQ(twin, torch.optim.SGD(twin.parameters(), lr=LR), rho=RHO, ascent_every=2)
+    bad = {"base": sd["base"], "saq": dict(sd["saq"], last=dict(sd["saq"]["last"]))}
+    small0 = next(iter(bad["saq"]["last"]["small"]))
+    bad["saq"]["last"]["small"] = {small0: torch.zeros(7)}
+    with pytest.raises(ValueError, match="perturbation does not fit this model"):
+        fresh.load_state_dict(bad)
+    assert fresh.steps == 0 and not fresh.base_optimizer.state
     sd["saq"]["last"]["weights"][5] = sd["saq"]["last"]["weights"][0]
     with pytest.raises(ValueError, match="perturbation does not fit this model"):
         back.load_state_dict(sd)
