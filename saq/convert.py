@@ -3,7 +3,8 @@
 The reference recipe's first/last layer handling is the default: the first conv gets 8-bit weights
 and a float (unquantized) input, the last linear gets 8-bit weights and 8-bit inputs, every other
 conv/linear (shortcuts included) the target bits. A model without convs (an MLP) treats its first
-linear as the first layer (a single linear is first and last: 8-bit weights, float input). The quantized layers take over the float layers'
+linear as the first layer (a single linear is first and last: 8-bit weights, float input). The
+quantized layers take over the float layers'
 weight and bias Parameters (tied weights stay tied), so a full-precision checkpoint can be loaded
 before (into the float model) or after (strict=False for the new quantizer parameters) conversion.
 """

@@ -1,6 +1,7 @@
 """saq.SAQ: sharpness-aware quantization (and plain SAM / ASAM) around any torch optimizer.
 
-One step (the SAQ reference code's Case-3 step; paper: arXiv 2111.12273), written for a loop that owns its forward/backward passes::
+One step (the SAQ reference code's Case-3 step; paper: arXiv 2111.12273), written for a loop
+that owns its forward/backward passes::
 
     loss = criterion(model(x), y); loss.backward()     # pass 1 (ascent)
     opt.ascent_step()                                   # global norm, perturb, zero grads
@@ -69,6 +70,7 @@ def _eager(fn):
         return fn(*args, **kwargs)
 
     return wrapper
+
 
 def _replicas() -> int:
     """The torch.distributed world size (1 outside a process group)."""
@@ -571,7 +573,8 @@ class SAQ(Optimizer):
                      for i, d in last["small"].items()]
             for (m, e) in weights:
                 if e.shape != m.weight.shape:
-                    raise IndexError(f"a perturbation of shape {tuple(e.shape)} for a weight of {tuple(m.weight.shape)}")
+                    raise IndexError(f"a perturbation of shape {tuple(e.shape)} for a weight of "
+                                     f"{tuple(m.weight.shape)}")
             for (p, d) in small:
                 if d.shape != p.shape:
                     raise IndexError(f"a delta of shape {tuple(d.shape)} for a parameter of {tuple(p.shape)}")

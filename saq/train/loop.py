@@ -20,7 +20,9 @@ Exact resume: the data order and augmentation are pure functions of (seed, epoch
 checkpoint holds model, optimizer (with SAQ's state), LR schedule, GradScaler and every RNG state,
 plus the epoch and batch to continue from (and, stopped mid-epoch, that epoch's metric sums; in
 the efficient mode, the last perturbation), so 2 epochs straight and 1 + resume + 1 give
-bitwise-identical weights and the same metric rows on the same machine. The LR schedule is per step over
+bitwise-identical weights and the same metric rows on the same machine (under DDP with k > 1 and
+no --sync-ascent the first step after a resume makes a fresh ascent: each replica's last
+perturbation is its own). The LR schedule is per step over
 ``epochs * steps_per_epoch`` and does not depend on --max-steps, so a run cut short by
 --max-steps resumes onto the same schedule.
 """

@@ -425,7 +425,7 @@ class _Group:
 
 
 _CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
-# ((kernel, device, constexprs), alignment pattern) of the per-tensor launches already made, i.e.
+# ((id(kernel), device, constexprs), alignment pattern) of the per-tensor launches already made, i.e.
 # kernels loaded; tracked on the device types below (a test adds "cpu")
 _LOADED: set = set()
 _LOAD_BEFORE_CAPTURE = ("cuda",)
@@ -569,7 +569,7 @@ def _launch(kernel, grp: _Group, lists, table: bool, scalars, consts: dict, flag
     opts = launch_options()
     dev = lists[0][grp.idx[0]].device if grp.idx else None
     if table and dev is not None and dev.type in _LOAD_BEFORE_CAPTURE:
-        ck = (kernel, str(dev), tuple(sorted((k, str(v)) for k, v in consts.items())))
+        ck = (id(kernel), str(dev), tuple(sorted((k, str(v)) for k, v in consts.items())))
         if any((ck, a) not in _LOADED for a in grp.each_aligned):
             _LOADED.update((ck, a) for a in grp.each_aligned)
             table = False
