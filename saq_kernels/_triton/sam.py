@@ -52,6 +52,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference as _ref
+from ..validate import check_one_device
 from .utils import (
     BLOCK,
     cdiv,
@@ -528,13 +529,10 @@ def _plan(lists, flags, device, tag: str, same_dtype: bool, table: bool, state_l
     rest: List[int] = []
     n_main = len(lists) - state_lists
     for i in range(len(lists[0])):
-        for j, l in enumerate(lists[:n_main]):
-            if l[i].device != device:  # the same message as the fakes' check_one_device
-                first = _NAMES[tag][0]
-                raise ValueError(
-                    f"saq::{_OPS[tag]}: '{_NAMES[tag][j]}[{i}]' is on {l[i].device} but '{first}[0]' "
-                    f"is on {device}; the SAM ops take the tensors of one device per call")
         ok = _regular([l[i] for l in lists[:n_main]], device, same_dtype)
+        if not ok and any(l[i].device != device for l in lists[:n_main]):
+            # a tensor on another device: refused by name, as the ops' fakes refuse it
+            check_one_device(_OPS[tag], **dict(zip(_NAMES[tag], lists[:n_main])))
         ok = ok and all(l[i].device == device and l[i].dtype == torch.float32 and l[i].numel() == 1
                         for l in lists[n_main:])
         if not ok:
