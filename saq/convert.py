@@ -47,6 +47,45 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+# Modules whose forward may read their child Linears' weights directly (PyTorch's fused
+# inference path of the Transformer layers): a quantized child would be bypassed there.
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks")
+
+
+def _refuse_unconvertible(model: nn.Module, layers, skip) -> None:
+    """Layers whose conversion would silently change or bypass the model: refused by name."""
+    import torch.nn.utils.parametrize as P
+
+    names = {id(m): n for n, m in layers}
+    for n, m in model.named_modules():
+        if isinstance(m, _READS_CHILD_WEIGHTS):
+            inner = [c for c, sub in m.named_modules() if id(sub) in names
+                     and not any(fnmatch.fnmatchcase(names[id(sub)], pat) for pat in skip)]
+            if inner:
+                raise ValueError(
+                    f"saq.quantize_model: {n or 'the model'} is an nn.{type(m).__name__}, whose fused "
+                    f"inference path reads its Linears' weights directly (a quantized "
+                    f"{n + '.' if n else ''}{inner[0]} would be bypassed in eval); skip them "
+                    f"(skip=['{n + '.' if n else ''}*']) or build the block from plain nn.Linear layers "
+                    f"(as saq.models.vit does)")
+    # old-style hooks leave a plain tensor as .weight; torch.nn.utils.parametrize makes the layer
+    # a subclass that the type test of _layers would pass over silently
+    parametrized = [(n, m) for n, m in model.named_modules()
+                    if isinstance(m, (nn.Conv2d, nn.Linear)) and P.is_parametrized(m)]
+    for n, m in list(layers) + parametrized:
+        if any(fnmatch.fnmatchcase(n, pat) for pat in skip):
+            continue
+        if P.is_parametrized(m) or not isinstance(m.weight, nn.Parameter):
+            raise ValueError(
+                f"saq.quantize_model: {n}'s weight is reparametrized (weight_norm, spectral_norm, "
+                f"pruning or torch.nn.utils.parametrize); fold it first "
+                f"(torch.nn.utils.parametrize.remove_parametrizations, remove_weight_norm, "
+                f"remove_spectral_norm, prune.remove) or skip the layer")
+
+
 def _convert(m: nn.Module, wbits: int, abits: int, **kw) -> nn.Module:
     dev, dt = m.weight.device, m.weight.dtype
     if isinstance(m, nn.Conv2d):
@@ -64,6 +103,10 @@ def _convert(m: nn.Module, wbits: int, abits: int, **kw) -> nn.Module:
     if m.bias is not None:
         q.bias = m.bias
     q.train(m.training)
+    # hooks registered on the float layer keep firing (their handles still remove them)
+    for name in _HOOK_DICTS:
+        if getattr(m, name, None):
+            setattr(q, name, getattr(m, name))
     return q
 
 
@@ -101,12 +144,21 @@ def quantize_model(
     """
     if quantizer not in QUANTIZERS:
         raise ValueError(f"saq.quantize_model: unknown quantizer {quantizer!r}; choose one of {QUANTIZERS}")
-    layers = [(n, m) for n, m in _layers(model) if not isinstance(m, QuantLayer)]
+    every = _layers(model)
+    layers = [(n, m) for n, m in every if not isinstance(m, QuantLayer)]
     if not layers:
-        raise ValueError("saq.quantize_model: the model has no nn.Conv2d or nn.Linear layer to quantize")
+        raise ValueError("saq.quantize_model: the model has no nn.Conv2d or nn.Linear layer to quantize"
+                         + (" (it is quantized already)" if every else ""))
     skip = list(skip)
-    convs = [n for n, m in layers if isinstance(m, nn.Conv2d)]
-    linears = [n for n, m in layers if isinstance(m, nn.Linear)]
+    aliases = _aliases(model)
+    # a layer registered under several names is skipped when any of them matches
+    skipped = {id(m) for n, m in layers
+               if any(fnmatch.fnmatchcase(a, pat) for a in aliases[id(m)] for pat in skip)}
+    _refuse_unconvertible(model, [(n, m) for n, m in layers if id(m) not in skipped], skip)
+    # first and last over every conv/linear, quantized ones too: a second call (after a skip)
+    # must not give a middle layer the first-layer treatment
+    convs = [n for n, m in every if isinstance(m, nn.Conv2d)]
+    linears = [n for n, m in every if isinstance(m, nn.Linear)]
     # module order; the reference code's first layer is its stem conv. Without convs the input
     # layer is the first linear (quantizing an MLP's raw, signed input as unsigned would zero it).
     first = convs[0] if convs else linears[0]
@@ -116,7 +168,7 @@ def quantize_model(
     # leaves the model as it was, so a corrected call sees the same first and last layers
     new = []
     for name, m in layers:
-        if any(fnmatch.fnmatchcase(name, pat) for pat in skip):
+        if id(m) in skipped:
             continue
         wb, ab = weight_bits, act_bits
         if first_last_bits is not None and name == first:
@@ -124,9 +176,8 @@ def quantize_model(
         elif first_last_bits is not None and name == last:
             wb, ab = first_last_bits, first_last_bits
         new.append((m, _convert(m, wb, ab, **kw)))
-    names = _aliases(model)
     for m, q in new:
-        for name in names[id(m)]:  # a module registered under two names is replaced under both
+        for name in aliases[id(m)]:  # a module registered under two names is replaced under both
             _set(model, name, q)
     if fold_relu:
         fold_relus(model)

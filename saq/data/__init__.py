@@ -107,6 +107,14 @@ def make_loaders(name: str, root: Optional[str] = None, batch_size: int = 128, s
     rank, world_size = _world(distributed, rank, world_size)
     train_ds = get_dataset(name, root, train=True, seed=seed, augment=augment, **dataset_kw)
     test_ds = get_dataset(name, root, train=False, seed=seed, augment=augment, **dataset_kw)
+    train_cls, test_cls = getattr(train_ds, "classes", None), getattr(test_ds, "classes", None)
+    if train_cls is not None and test_cls is not None and list(train_cls) != list(test_cls):
+        # an image folder numbers its classes by its own sorted subfolders: a val/ folder that
+        # lacks (or adds) a class would shift every later label, silently
+        raise DataError(
+            f"saq.data.make_loaders: {name} test classes {list(test_cls)[:8]}... differ from the "
+            f"training classes {list(train_cls)[:8]}...; give the test folder one subfolder per "
+            f"training class, with the same names")
 
     train_idx = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True,
                                    seed=seed)

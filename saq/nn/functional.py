@@ -31,7 +31,10 @@ def dorefa_weight(
         w = _perturb(w, e, s)
     n = float(2**bits - 1)
     t = torch.tanh(w)
-    t = t / (2 * t.abs().max().detach()) + 0.5
+    # an all-zero weight (a zero-initialized layer) would divide 0 by 0: its tanh is then
+    # normalized by 1 (the level nearest 0, finite gradients) instead of NaN
+    m = t.abs().max().detach()
+    t = t / (2 * torch.where(m > 0, m, torch.ones_like(m))) + 0.5
     y = 2 * round_ste(t * n) / n - 1
     return y if before else _perturb(y, e, s)
 

@@ -214,8 +214,10 @@ class QuantLayer:
         self.quant_initialized = True
         q, w = self.quantizer, self.weight.detach()
         if q == "liq" and not isinstance(self, nn.Conv2d):
-            self.weight_clip_value.copy_((w.abs().max() * 0.8).reshape(1))
-            self.activation_clip_value.copy_((x.detach().abs().max().float() * 0.8).reshape(1))
+            # (floored as LSQ's scales are: an all-zero weight or first batch would give a zero
+            # clip, which the quantizer refuses)
+            self.weight_clip_value.copy_((w.abs().max() * 0.8).clamp_min(1e-8).reshape(1))
+            self.activation_clip_value.copy_((x.detach().abs().max().float() * 0.8).clamp_min(1e-8).reshape(1))
         elif q in ("lsq", "lsq+"):
             _, qmax_w = self._lsq_range(max(self.bits_weights, 2), True)
             if self.per_channel:
@@ -241,7 +243,9 @@ class QuantLayer:
         destination[prefix + _INIT_KEY] = torch.tensor(bool(self.quant_initialized))
 
     def _maybe_init(self, x: Tensor) -> None:
-        if not self.quant_initialized and self.training:
+        # on the first forward in any mode, as the reference code does: an evaluation before
+        # training would otherwise run the placeholders (an LSQ scale of 1 zeroes every weight)
+        if not self.quant_initialized:
             self._init_from_data(torch.relu(x) if self.input_relu else x)
 
     def quant_repr(self) -> str:

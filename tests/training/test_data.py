@@ -289,3 +289,26 @@ def test_imagefolder_without_torchvision(tmp_path):
     else:
         with pytest.raises(FileNotFoundError, match="train"):
             get_dataset("imagefolder", str(tmp_path))
+
+
+def test_test_classes_must_match_the_training_classes(monkeypatch):
+    # an image folder numbers its classes by its own subfolders: a val/ without "dog" would label
+    # "fox" as training class 1 ("dog")
+    import saq.data as D
+
+    class Fake(torch.utils.data.Dataset):
+        def __init__(self, classes):
+            self.classes, self.num_classes, self.input_shape = classes, len(classes), (3, 4, 4)
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.zeros(3, 4, 4), 0
+
+    sets = {True: Fake(["cat", "dog", "fox"]), False: Fake(["cat", "fox"])}
+    monkeypatch.setattr(D, "get_dataset", lambda name, root, train, **kw: sets[train])
+    with pytest.raises(D.DataError, match="test classes .* differ from the training classes"):
+        D.make_loaders("imagefolder", "/nowhere", batch_size=2)
+    sets[False] = Fake(["cat", "dog", "fox"])
+    D.make_loaders("imagefolder", "/nowhere", batch_size=2)

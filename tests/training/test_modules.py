@@ -250,3 +250,70 @@ def test_models_quantize_end_to_end():
     assert (q[0][1].bits_weights, q[0][1].bits_activations) == (8, 32)
     assert (q[-1][1].bits_weights, q[-1][1].bits_activations) == (8, 8)
     assert all((l.bits_weights, l.bits_activations) == (4, 4) for _, l in q[1:-1])
+
+
+def test_first_forward_in_eval_mode_initializes():
+    # quantize, load float weights, evaluate: the LSQ scale's placeholder (1.0) zeroed every weight
+    torch.manual_seed(0)
+    m = saq.quantize_model(small_cnn(), 4, 4, quantizer="lsq").eval()
+    with torch.no_grad():
+        m(torch.randn(4, 3, 8, 8))
+    conv = m[3]
+    assert conv.quant_initialized and conv.weight_scale.item() != 1.0
+    assert torch.count_nonzero(conv.quantize_weight()) > 0
+
+
+@pytest.mark.parametrize("quantizer", ["liq", "pact", "dorefa", "lsq"])
+def test_zero_initialized_layers_stay_finite(quantizer):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    nn.init.zeros_(net[2].weight)  # a zero-initialized middle layer (zero-init residual, LoRA B)
+    m = saq.quantize_model(net, 4, 4, quantizer=quantizer)
+    x = torch.randn(5, 4)
+    y = m(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    # an all-zero first batch (LIQ linear clips 0.8 max|x| = 0) is floored, not refused
+    fresh = saq.quantize_model(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), 4, 4,
+                               quantizer=quantizer)
+    assert torch.isfinite(fresh(torch.zeros(2, 4))).all()
+
+
+def test_transformer_layers_and_reparametrized_weights_are_refused():
+    enc = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 2, 32, batch_first=True),
+                        nn.Linear(16, 3))
+    with pytest.raises(ValueError, match="1 is an nn.TransformerEncoderLayer.*skip=\\['1.\\*'\\]"):
+        saq.quantize_model(enc, 4, 4)
+    assert type(enc[0]) is nn.Linear  # refused before anything changed
+    q = saq.quantize_model(enc, 4, 4, skip=["1.*"])
+    assert isinstance(q[0], QLinear) and type(q[1].linear1) is nn.Linear
+    for wrap in (nn.utils.spectral_norm, nn.utils.parametrizations.weight_norm):
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), wrap(nn.Conv2d(4, 4, 3)))
+        with pytest.raises(ValueError, match="2's weight is reparametrized"):
+            saq.quantize_model(net, 4, 4)
+
+
+def test_hooks_alias_skips_and_a_second_call():
+    net = small_cnn()
+    calls = []
+    handle = net[3].register_forward_hook(lambda mod, inp, out: calls.append(type(mod).__name__))
+    m = saq.quantize_model(net, 4, 4)
+    m(torch.randn(2, 3, 8, 8))
+    assert calls == ["QConv2d"]  # the hook moved to the quantized layer
+    handle.remove()
+    m(torch.randn(2, 3, 8, 8))
+    assert calls == ["QConv2d"]
+    # a module registered twice is skipped when either of its names matches
+    s = nn.Module()
+    s.a = nn.Linear(4, 4)
+    s.b = s.a
+    s.c = nn.Linear(4, 2)
+    saq.quantize_model(s, 4, 4, skip=["b"])
+    assert type(s.a) is nn.Linear and s.a is s.b and isinstance(s.c, QLinear)
+    # a second call (after a skip) keeps the first and last layers the first call chose
+    half = saq.quantize_model(small_cnn(), 3, 4, skip=["3"])
+    saq.quantize_model(half, 3, 4)
+    assert (half[3].bits_weights, half[3].bits_activations) == (3, 4)
+    with pytest.raises(ValueError, match="quantized already"):
+        saq.quantize_model(half, 3, 4)
