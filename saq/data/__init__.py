@@ -123,6 +123,10 @@ def make_loaders(name: str, root: Optional[str] = None, batch_size: int = 128, s
 
     def loader(ds, index_sampler, bs, drop):
         sampler = EpochBatchSampler(index_sampler, bs, drop_last=drop, seed=seed, rank=rank)
+        if sampler.num_batches == 0 and len(ds) > 0:
+            raise ValueError(
+                f"saq.data.make_loaders: drop_last with batch_size {bs} leaves no batch of the "
+                f"{len(index_sampler)} samples of rank {rank}; lower batch_size or drop_last=False")
         # A private generator: DataLoader draws a worker base seed per epoch from it, which
         # would otherwise advance the global RNG (and our batches do not use worker seeds).
         return DataLoader(ds, batch_size=None, sampler=sampler, num_workers=num_workers,

@@ -136,4 +136,5 @@ class TensorImageDataset(Dataset):
         if isinstance(key, BatchKey):
             idx = torch.as_tensor(key.indices, dtype=torch.long)
             return self._apply(self.images[idx], key.generator()), self.labels[idx]
-        return self._apply(self.images[key][None], None)[0], self.labels[key]
+        # a copy: ds[i] of a float data set without a transform must not alias the stored images
+        return self._apply(self.images[key][None], None)[0].clone(), self.labels[key]

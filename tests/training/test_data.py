@@ -312,3 +312,14 @@ def test_test_classes_must_match_the_training_classes(monkeypatch):
         D.make_loaders("imagefolder", "/nowhere", batch_size=2)
     sets[False] = Fake(["cat", "dog", "fox"])
     D.make_loaders("imagefolder", "/nowhere", batch_size=2)
+
+
+def test_item_access_copies_and_drop_last_needs_a_batch():
+    import saq.data as D
+
+    ds = D.TensorImageDataset(torch.randn(5, 1, 2, 2), torch.arange(5), num_classes=5)
+    x, _ = ds[1]
+    x.zero_()
+    assert ds.images[1].abs().sum() > 0  # the stored image is untouched
+    with pytest.raises(ValueError, match="drop_last with batch_size 4096 leaves no batch"):
+        D.make_loaders("digits", batch_size=4096, drop_last=True)
