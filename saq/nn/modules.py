@@ -36,7 +36,7 @@ import saq_kernels as sk
 from .functional import dorefa_activation, dorefa_weight, pact_activation
 
 QUANTIZERS = ("liq", "lsq", "lsq+", "pact", "dorefa")
-_INIT_KEY = "quant_initialized"  # state-dict entry: has the first-batch init run?
+INIT_KEY = "quant_initialized"  # state-dict entry: has the first-batch init run?
 
 
 def _check_bits(name: str, bits: int) -> int:
@@ -240,7 +240,7 @@ class QuantLayer:
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + _INIT_KEY] = torch.tensor(bool(self.quant_initialized))
+        destination[prefix + INIT_KEY] = torch.tensor(bool(self.quant_initialized))
 
     def _maybe_init(self, x: Tensor) -> None:
         # on the first forward in any mode, as the reference code does: an evaluation before
@@ -264,11 +264,11 @@ def _mark_initialized(module, state_dict, prefix, *args, **kwargs):
     # does not call it unexpected. A state dict without it (the reference code's, or one saved
     # before saq wrote it) that carries quantizer parameters was trained: do not overwrite them
     # with first-batch statistics.
-    flag = state_dict.pop(prefix + _INIT_KEY, None)
+    flag = state_dict.pop(prefix + INIT_KEY, None)
     if flag is not None:
         if not (isinstance(flag, Tensor) and flag.numel() == 1):
             raise ValueError(
-                f"{type(module).__name__}.load_state_dict: {prefix + _INIT_KEY!r} must be the "
+                f"{type(module).__name__}.load_state_dict: {prefix + INIT_KEY!r} must be the "
                 f"one-element tensor state_dict() writes, got {flag!r}")
         module.quant_initialized = bool(flag.item())
         return

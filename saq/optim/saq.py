@@ -332,7 +332,7 @@ class SAQ(Optimizer):
     def _all_reduce_mean(self, grads: List[Tensor], n_captured: int) -> List[Tensor]:
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if _replicas() == 1:
             return grads
         # Parameter gradients were averaged by DDP in pass 1; the captured dL/dQ(w) were not.
         captured = grads[:n_captured]
