@@ -116,9 +116,10 @@ else
     # each shard its share of the cores: OpenMP threads, and inductor compiles in-process (its
     # default is a pool of nproc workers per process)
     # shellcheck disable=SC2086  # TPATHS is a list of paths
-    OMP_NUM_THREADS=$(( NCPU / K > 1 ? NCPU / K : 1 )) TORCHINDUCTOR_COMPILE_THREADS=1 \
+    # (SAQ_TEST_NATIVE_TRACES: a crash prints its C++ stack too, tests/conftest.py)
+    SAQ_TEST_NATIVE_TRACES=1 OMP_NUM_THREADS=$(( NCPU / K > 1 ? NCPU / K : 1 )) TORCHINDUCTOR_COMPILE_THREADS=1 \
       timeout -s INT -k 10 "$T" \
-      "$PY" -m pytest -m "$MARK" $TPATHS -q -rfEs -p no:cacheprovider --shard "$i/$K" \
+      "$PY" -m pytest -m "$MARK" $TPATHS -q -rfEs -p no:cacheprovider --capture=sys --shard "$i/$K" \
       >"$WORK/tests.$i.log" 2>&1 &
     pids+=($!)
   done
@@ -140,6 +141,14 @@ else
     | awk '{n[$2] += $1} END {for (w in n) printf "%d %s, ", n[w], w}' | sed 's/, $//')
   cat "$WORK/tests.log" >>"$LOG"
   grep -E "^(FAILED|ERROR)" "$WORK/tests.log" | head -15
+  # a crash in saq_kernels._C: its frames as functions (torch's handler prints the library offsets;
+  # the extension's symbols are hidden, its symbol table is not)
+  if grep -q "Fatal Python error" "$WORK/tests.log" && command -v addr2line >/dev/null; then
+    grep -oE "\+ 0x[0-9a-f]+ \(0x[0-9a-f]+ in [^)]*saq_kernels/_C[^)]*\.so\)" "$WORK/tests.log" | head -40 |
+      while read -r _ off _ _ so; do
+        echo "  $off $(addr2line -f -C -e "${so%)}" "$off" | head -1)"
+      done | tee -a "$LOG"
+  fi
   case $rc in
     0) say "tests: ok: $SUMMARY" ;;
     5) say "tests: no test carries the gpu marker" ;;

@@ -13,6 +13,7 @@ Argument order is the op schema's (saq_kernels/OPS.md); all arguments are positi
 """
 from __future__ import annotations
 
+import struct
 from typing import List, Optional, Tuple
 
 import torch
@@ -392,6 +393,33 @@ def _plus(a: Tensor, c: float) -> Tensor:
     return a + c
 
 
+def _f32(x: float) -> float:
+    """``x`` rounded to the nearest fp32 value (what a kernel's fp32 scalar holds)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _lerp(a: Tensor, b: Tensor, w: float) -> Tensor:
+    """``torch.lerp(a, b, w)``: ``a + w * (b - a)`` if ``w < 0.5`` else ``b - (b - a) * (1 - w)``.
+    Spelled out for fp16 / bf16 as separate fp32 ops (each rounded to fp32, one rounding to the
+    dtype at the end): torch's CUDA lerp contracts the multiply-add into one fma, so on a GPU it
+    differs from its own CPU kernel, and from the kernels, in a few elements per thousand."""
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        return a.lerp(b, w)
+    w32 = _f32(w)
+    af, d = a.float(), b.float() - a.float()
+    out = af + d * w32 if w32 < 0.5 else b.float() - d * _f32(1.0 - w32)
+    return out.to(a.dtype)
+
+
+def _decay_add_sq(v: Tensor, g: Tensor, beta2: float) -> Tensor:
+    """``beta2 * v + (1 - beta2) * g * g``: the first product rounded to the dtype, then
+    ``+ ((1 - beta2) * g) * g`` in fp32 with one rounding (torch's CUDA addcmul fuses it)."""
+    if v.dtype not in (torch.float16, torch.bfloat16):
+        return v.mul(beta2).addcmul_(g, g, value=1 - beta2)
+    gf = g.float()
+    return ((v.float() * _f32(beta2)).to(v.dtype).float() + (gf * _f32(1 - beta2)) * gf).to(v.dtype)
+
+
 def sam_restore_adamw_(
     params: List[Tensor],
     backups: List[Tensor],
@@ -424,12 +452,14 @@ def sam_restore_adamw_(
         step = steps[i] + 1
         lr_t = lr.to(p.dtype)
         new_p = p * (1 - lr_t * weight_decay)
-        m = exp_avgs[i].lerp(g, 1 - beta1)
-        v = exp_avg_sqs[i].mul(beta2).addcmul_(g, g, value=1 - beta2)
-        bc1 = 1 - beta1**step
+        m = _lerp(exp_avgs[i], g, 1 - beta1)
+        v = _decay_add_sq(exp_avg_sqs[i], g, beta2)
+        # the bias corrections on the device of what they divide: a GPU tensor divided by a CPU
+        # scalar (steps may stay on the CPU) is multiplied by its reciprocal, another rounding
+        bc1 = (1 - beta1**step).to(lr_t.device)
         bc2 = 1 - beta2**step
         step_size = (lr_t / bc1).to(p.dtype)
-        denom = _plus(v.sqrt() / bc2.sqrt().to(p.dtype), eps)
+        denom = _plus(v.sqrt() / bc2.sqrt().to(device=p.device, dtype=p.dtype), eps)
         new_p = new_p - step_size * (m / denom)
         _select_(exp_avgs[i], m, skip)
         _select_(exp_avg_sqs[i], v, skip)

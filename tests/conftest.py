@@ -6,6 +6,9 @@
   Triton tests independent of the order in which test files import things.
 * ``--shard I/K``: one of K disjoint parts of the selected tests (benchmarks/gpu_check.sh runs
   them side by side).
+* ``SAQ_TEST_NATIVE_TRACES=1``: a crash (SIGSEGV, SIGABRT, ...) also prints the C++ stack of
+  every thread (torch's fatal-signal handler), next to faulthandler's Python stack, so that a
+  crash in a native kernel on the GPU machine names its function (gpu_check.sh sets it).
 """
 import os
 import sys
@@ -20,6 +23,11 @@ import torch  # noqa: E402  (importing torch does not import triton)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if os.environ.get("SAQ_TEST_NATIVE_TRACES") == "1":
+    _set_traces = getattr(torch._C, "_set_print_stack_traces_on_fatal_signal", None)  # private API
+    if _set_traces is not None:
+        _set_traces(True)
 
 
 # ------------------------------------------------------------------------------------------------

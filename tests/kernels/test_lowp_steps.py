@@ -48,12 +48,13 @@ TARGETS = _targets()
 def _on_device(fn, device):
     """fn called on device copies of its tensor arguments, whose values are copied back."""
     def call(*args):
-        moved = [[t.to(device, copy=True) for t in a] if isinstance(a, list) else
-                 a.to(device, copy=True) if isinstance(a, torch.Tensor) else a for a in args]
+        move = lambda t: t.to(device, copy=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        moved = [[move(t) for t in a] if isinstance(a, list) else move(a) for a in args]
         fn(*moved)
-        for a, m in zip(args, moved):
-            for t, u in (zip(a, m) if isinstance(a, list) else [(a, m)] if isinstance(a, torch.Tensor) else []):
-                t.copy_(u.cpu())
+        for a, m in zip(args, moved):  # lists hold tensors, or plain values (sam_perturb_'s adaptive)
+            for t, u in (zip(a, m) if isinstance(a, list) else [(a, m)]):
+                if isinstance(t, torch.Tensor):
+                    t.copy_(u.cpu())
     return call
 
 

@@ -145,6 +145,10 @@ def test_kernels_run_with_the_datas_gpu_current(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", device)
+    # on a machine with a GPU, a fake cuda:1 tensor first allocates a real one there (torch's
+    # fake_tensor.init_gpu_context), which fails with one GPU: nothing real is needed here
+    import torch._subclasses.fake_tensor as fake_tensor
+    monkeypatch.setattr(fake_tensor, "init_gpu_context", lambda d: None, raising=False)
     run = T.on_data_device(lambda *a: len(entered))
     with FakeTensorMode():
         one, zero = torch.empty(3, device="cuda:1"), torch.empty(3, device="cuda:0")
