@@ -104,9 +104,19 @@ def cxx_flags() -> List[str]:
 
 
 def link_flags() -> List[str]:
+    """Linker flags. On Linux, ``-Wl,--exclude-libs,ALL`` keeps whatever comes from a static
+    archive local to the extension. Some toolchains link libstdc++ statically (the GPU machine's
+    /opt/gcc did); Python's -Bsymbolic-functions then binds the copy's functions inside the
+    extension while its data (the locale's facets) still resolves to the libstdc++.so the
+    process loaded first, and ``stream << int`` in an error message fails: an empty message, or
+    a segfault (seen on the H200 run, 2026-11-27, in TORCH_CHECK's message for a bad 'scale').
+    With the copy's symbols local it uses its own data. No effect with a shared libstdc++."""
+    flags = []
     if sys.platform != "win32" and _openmp():
-        return ["-fopenmp"]
-    return []
+        flags.append("-fopenmp")
+    if sys.platform.startswith("linux"):
+        flags.append("-Wl,--exclude-libs,ALL")
+    return flags
 
 
 def nvcc_flags() -> List[str]:
@@ -253,6 +263,7 @@ def make_build_info(with_cuda: bool, how: str) -> Dict[str, object]:
         "cuda": torch.version.cuda if with_cuda else None,
         "cuda_archs": cuda_arch_list().replace(" ", ";").split(";") if with_cuda else [],
         "cxx_flags": cxx_flags(),
+        "link_flags": link_flags(),
         "nvcc_flags": nvcc_flags() if with_cuda else [],
         "compiler": _compiler_version(),
         "python": platform.python_version(),

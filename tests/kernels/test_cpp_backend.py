@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -119,6 +120,57 @@ def test_build_info_and_load():
     if info is not None:  # absent only for an extension built outside setup.py / the JIT
         assert info["torch"] == torch.__version__
         assert "-ffp-contract=off" in info["cxx_flags"]
+
+
+_FORMAT_INT = r"""
+#include <cstring>
+#include <sstream>
+#include <string>
+extern "C" void format_int(long v, char* out, int n) {
+  std::ostringstream s;
+  s << "got " << v << " entries";
+  std::strncpy(out, s.str().c_str(), n - 1);
+  out[n - 1] = 0;
+}
+"""
+
+_LOAD_AND_FORMAT = """
+import ctypes, sys
+import torch  # first, as for saq_kernels._C: its libstdc++ is the process's (it is what breaks the copy)
+buf = ctypes.create_string_buffer(64)
+ctypes.CDLL(sys.argv[1]).format_int(ctypes.c_long(42), buf, 64)
+print(buf.value.decode())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a GNU-ld flag (Linux builds)")
+def test_link_flags_keep_a_static_libstdcxx_working(tmp_path):
+    # A toolchain that links libstdc++ statically (the GPU machine's did) plus Python's
+    # -Bsymbolic-functions: without the extension's link flags, `stream << int` in a TORCH_CHECK
+    # message printed nothing past the integer here and segfaulted there. A library built as
+    # setup.py links saq_kernels._C (its link flags) must format the integer.
+    import shutil
+    import subprocess
+
+    from saq_kernels import _build
+
+    cxx = os.environ.get("CXX") or "g++"
+    if shutil.which(cxx) is None:
+        pytest.skip(f"the C++ compiler {cxx!r} was not found")
+    src = tmp_path / "fmt.cpp"
+    src.write_text(_FORMAT_INT)
+    flags = [f for f in _build.link_flags() if f != "-fopenmp"]
+    out = {}
+    for name, extra in (("ours", flags), ("bare", [])):
+        lib = tmp_path / f"lib_{name}.so"
+        r = subprocess.run([cxx, "-O1", "-fPIC", "-shared", "-Wl,-Bsymbolic-functions", str(src),
+                            "-static-libstdc++", *extra, "-o", str(lib)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"{cxx} cannot link libstdc++ statically here: {r.stderr[-300:]}")
+        run = subprocess.run([sys.executable, "-c", _LOAD_AND_FORMAT, str(lib)], capture_output=True,
+                             text=True, timeout=60)
+        out[name] = run.stdout.strip() if run.returncode == 0 else f"exit {run.returncode}"
+    assert out["ours"] == "got 42 entries", out  # out["bare"]: what the flags prevent
 
 
 @pytest.mark.parametrize("archs, cap, runs", [
