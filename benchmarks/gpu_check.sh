@@ -206,9 +206,8 @@ ORDER_SET=0
 for sw in $SUITES; do
   s=${sw%%:*}; w=${sw#*:}; [ "$w" = "$sw" ] && w=25
   f=benchmarks/bench_$s.py
-  # the train step's "default" rows should time the kernels the per-op rows chose, not the
-  # reference (CUDA's order until a GPU run is committed): on a GPU, the order the rows so far
-  # imply goes into this tree's measured_order.py for that suite (restored afterwards), every op
+  # the train step's "default" rows should time the kernels the per-op rows of this run chose,
+  # not the committed order: on a GPU, the order the rows so far imply goes into this tree's measured_order.py for that suite (restored afterwards), every op
   # and dtype the budget left unmeasured filled from its family (--fill), only backends with a
   # failing test left out
   if [ "$s" = train_step ] && [ "$HAS_GPU" = 1 ] && [ -n "${CSV:-}" ] && [ -f "$CSV" ]; then

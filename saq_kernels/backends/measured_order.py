@@ -11,6 +11,7 @@ from typing import Dict, List
 #: device type -> the result files its orders were chosen from
 SOURCES: Dict[str, str] = {
     'cpu': 'benchmarks/results/cpu-intel-xeon-processor-2t.csv',
+    'cuda': 'benchmarks/results/nvidia-h200.csv',
 }
 
 #: device type -> backends left out of its orders (--exclude: their tests had failed
@@ -67,6 +68,44 @@ MEASURED_ORDER: Dict[str, Dict[str, Dict[str, List[str]]]] = {
             'fp32': ['cpp', 'reference'],
         },
     },
+    'cuda': {
+        'fake_quantize': {
+            'bf16': ['cuda', 'triton', 'reference'],
+            'fp32': ['cuda', 'triton', 'reference'],
+        },
+        'fake_quantize_backward': {
+            'bf16': ['cuda', 'triton', 'reference'],
+            'fp32': ['cuda', 'triton', 'reference'],
+        },
+        'grad_sq_norm': {
+            'bf16': ['cuda', 'triton', 'reference'],
+            'fp32': ['cuda', 'triton', 'reference'],
+        },
+        'liq_quantize': {
+            'bf16': ['cuda', 'triton', 'reference'],
+            'fp32': ['cuda', 'triton', 'reference'],
+        },
+        'liq_quantize_backward': {
+            'bf16': ['cuda', 'triton', 'reference'],
+            'fp32': ['cuda', 'triton', 'reference'],
+        },
+        'sam_perturb_': {
+            'bf16': ['cuda', 'triton', 'reference'],
+            'fp32': ['cuda', 'triton', 'reference'],
+        },
+        'sam_restore_': {
+            'bf16': ['cuda', 'triton', 'reference'],
+            'fp32': ['cuda', 'triton', 'reference'],
+        },
+        'sam_restore_adamw_': {
+            'bf16': ['cuda', 'triton', 'reference'],
+            'fp32': ['cuda', 'triton', 'reference'],
+        },
+        'sam_restore_sgd_': {
+            'bf16': ['cuda', 'triton', 'reference'],
+            'fp32': ['cuda', 'triton', 'reference'],
+        },
+    },
 }
 
 #: device type -> op -> dtype -> the rows and time ratios behind the order
@@ -116,6 +155,44 @@ EVIDENCE: Dict[str, Dict[str, Dict[str, str]]] = {
             'bf16': 'update over 2 shapes: cpp 1.00, reference 4.24',
             'fp16': 'update over 2 shapes: cpp 1.00, reference 3.80',
             'fp32': 'update over 2 shapes: cpp 1.00, reference 6.39',
+        },
+    },
+    'cuda': {
+        'fake_quantize': {
+            'bf16': 'fwd+bwd over 7 shapes: cuda 1.00, triton 4.19, reference 9.80',
+            'fp32': 'fwd+bwd over 7 shapes: cuda 1.00, triton 3.82, reference 7.49',
+        },
+        'fake_quantize_backward': {
+            'bf16': 'fwd+bwd over 7 shapes: cuda 1.00, triton 4.19, reference 9.80',
+            'fp32': 'fwd+bwd over 7 shapes: cuda 1.00, triton 3.82, reference 7.49',
+        },
+        'grad_sq_norm': {
+            'bf16': 'update over 3 shapes: cuda 1.00, triton 6.12, reference 23.66',
+            'fp32': 'update over 3 shapes: cuda 1.00, triton 5.69, reference 16.16',
+        },
+        'liq_quantize': {
+            'bf16': 'fwd+bwd over 6 shapes: cuda 1.00, triton 3.76, reference 6.17',
+            'fp32': 'fwd+bwd over 7 shapes: cuda 1.00, triton 3.18, reference 5.66',
+        },
+        'liq_quantize_backward': {
+            'bf16': 'fwd+bwd over 6 shapes: cuda 1.00, triton 3.76, reference 6.17',
+            'fp32': 'fwd+bwd over 7 shapes: cuda 1.00, triton 3.18, reference 5.66',
+        },
+        'sam_perturb_': {
+            'bf16': 'update over 3 shapes: cuda 1.00, triton 4.43, reference 16.14',
+            'fp32': 'update over 3 shapes: cuda 1.00, triton 4.62, reference 12.57',
+        },
+        'sam_restore_': {
+            'bf16': 'update over 3 shapes: cuda 1.00, triton 5.01, reference 6.34',
+            'fp32': 'update over 3 shapes: cuda 1.00, triton 5.65, reference 6.15',
+        },
+        'sam_restore_adamw_': {
+            'bf16': 'update over 3 shapes: cuda 1.00, triton 4.01, reference 87.72',
+            'fp32': 'update over 3 shapes: cuda 1.00, triton 3.62, reference 71.60',
+        },
+        'sam_restore_sgd_': {
+            'bf16': 'update over 3 shapes: cuda 1.00, triton 3.91, reference 68.37',
+            'fp32': 'update over 3 shapes: cuda 1.00, triton 3.66, reference 32.08',
         },
     },
 }

@@ -1,5 +1,5 @@
-"""The reference ops serve CUDA tensors by default until a GPU run has measured the kernels, and
-the SAQ step must make no host sync (CUDA-graph capture, tests/training/test_fast_step.py). Here,
+"""The reference ops serve CUDA tensors where no kernel can (float64, a build without the
+extension, SAQ_BACKEND=reference), and the SAQ step must make no host sync (CUDA-graph capture, tests/training/test_fast_step.py). Here,
 on meta tensors (a device with no data, so any copy from the CPU shows), every reference op runs
 under a dispatch-mode spy that fails on a host-to-device copy and on an op that reads a value
 back to the host."""
