@@ -14,9 +14,9 @@
 #      CUDA kernels on a small case (tests/kernels/test_cuda_memcheck.py)
 #   4. GPU benchmarks, SAQ_BENCH_MODE=short, one pytest per suite with its own time budget
 #      (the harness skips the remaining cases when the budget is spent; the CSV is written as it goes)
-#   4b. the Triton launch-constant sweep (benchmarks/triton_sweep.py: BLOCK x num_warps, fp32 at
-#      2^26 and ResNet-50's SAM update), SAQ_CHECK_SWEEP seconds (default 45) kept from the
-#      benchmarks, or none when fewer than 90 s would be left to them
+#   4b. the Triton launch-constant sweep (benchmarks/triton_sweep.py: BLOCK x num_warps, bf16 then
+#      fp32 at 2^26 and ResNet-50's SAM update), SAQ_CHECK_SWEEP seconds (default 60) kept from the
+#      benchmarks, or none when fewer than 150 s would be left to them
 #   5. plots, the markdown report and the measured per-op default order
 # Results: benchmarks/results/<gpu-slug>.csv and benchmarks/results/plots/; when $OUT is set (the
 # device tool brings back at most 8 files), also $OUT/gpu_check.log (written there from the start),
@@ -198,7 +198,7 @@ fi
 CSV=$("$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import harness; print(harness.results_path())" 2>>"$LOG")
 say "benchmarks: suite $SAQ_BENCH_MODE -> ${CSV:-?}"
 # seconds kept for the Triton sweep (4b): the benchmarks come first
-SWEEP=${SAQ_CHECK_SWEEP:-45}
+SWEEP=${SAQ_CHECK_SWEEP:-60}
 [ $(( $(left) - 35 - SWEEP )) -lt 150 ] && SWEEP=0
 wsum=0
 for sw in $SUITES; do w=${sw#*:}; [ "$w" = "$sw" ] && w=25; wsum=$((wsum + w)); done
@@ -239,9 +239,12 @@ done
 # ---- 4b. Triton launch-constant sweep -----------------------------------------------------------
 if [ "$SWEEP" -gt 0 ] && [ -f benchmarks/triton_sweep.py ]; then
   T=$(cap "$SWEEP" 35)
-  say "triton sweep: BLOCK x num_warps, fp32 2^26 + ResNet-50 SAM update (budget ${T}s)"
-  timeout -s INT -k 10 $((T + 5)) "$PY" benchmarks/triton_sweep.py --configs 1024x4,2048x8,4096x8 \
-    --sizes 26 --dtypes fp32 --budget "$T" >"$WORK/triton_sweep.md" 2>>"$LOG"
+  # bf16 first: fp32 was swept on the H200 (2026-11-27, 1024x4 kept), bf16 not, where the Triton
+  # quantizers ran at 2.2-2.7x a copy (at 1024x4 a thread moves one 16-byte vector of 2-byte data
+  # per operand; 2048x4 gives it two in flight)
+  say "triton sweep: BLOCK x num_warps, bf16 and fp32 2^26 + ResNet-50 SAM update (budget ${T}s)"
+  timeout -s INT -k 10 $((T + 5)) "$PY" benchmarks/triton_sweep.py --configs 1024x4,2048x4,2048x8 \
+    --sizes 26 --dtypes bf16,fp32 --budget "$T" >"$WORK/triton_sweep.md" 2>>"$LOG"
   say "triton sweep: rc=$? $(grep -c '^| ' "$WORK/triton_sweep.md" 2>/dev/null) table lines"
   cat "$WORK/triton_sweep.md" >>"$LOG"
 else
