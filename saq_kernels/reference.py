@@ -454,12 +454,13 @@ def sam_restore_adamw_(
         new_p = p * (1 - lr_t * weight_decay)
         m = _lerp(exp_avgs[i], g, 1 - beta1)
         v = _decay_add_sq(exp_avg_sqs[i], g, beta2)
-        # the bias corrections on the device of what they divide: a GPU tensor divided by a CPU
-        # scalar (steps may stay on the CPU) is multiplied by its reciprocal, another rounding
-        bc1 = (1 - beta1**step).to(lr_t.device)
+        # steps may stay on the CPU (torch.optim.AdamW's default): the bias corrections stay there
+        # too, since moving them would sync; a GPU tensor divided by such a CPU scalar is multiplied
+        # by its reciprocal, which can differ from the kernels' division (they take device steps)
+        bc1 = 1 - beta1**step
         bc2 = 1 - beta2**step
         step_size = (lr_t / bc1).to(p.dtype)
-        denom = _plus(v.sqrt() / bc2.sqrt().to(device=p.device, dtype=p.dtype), eps)
+        denom = _plus(v.sqrt() / bc2.sqrt().to(p.dtype), eps)
         new_p = new_p - step_size * (m / denom)
         _select_(exp_avgs[i], m, skip)
         _select_(exp_avg_sqs[i], v, skip)
