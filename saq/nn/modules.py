@@ -37,6 +37,7 @@ from .functional import dorefa_activation, dorefa_weight, pact_activation
 
 QUANTIZERS = ("liq", "lsq", "lsq+", "pact", "dorefa")
 INIT_KEY = "quant_initialized"  # state-dict entry: has the first-batch init run?
+BITS_KEY = "quant_bits"  # state-dict entry: [bits_weights, bits_activations] it was trained with
 
 
 def _check_bits(name: str, bits: int) -> int:
@@ -101,6 +102,7 @@ class QuantLayer:
         # Data-driven init runs on the first forward unless a state dict provided the values.
         self.quant_initialized = False
         self._register_load_state_dict_pre_hook(_mark_initialized, with_module=True)
+        self._register_load_state_dict_pre_hook(_check_saved_bits, with_module=True)
         self.clear_saq_state()
 
     # ---------------------------------------------------------------- SAQ hooks (used by saq.SAQ)
@@ -241,6 +243,7 @@ class QuantLayer:
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + INIT_KEY] = torch.tensor(bool(self.quant_initialized))
+        destination[prefix + BITS_KEY] = torch.tensor([self.bits_weights, self.bits_activations])
 
     def _maybe_init(self, x: Tensor) -> None:
         # on the first forward in any mode, as the reference code does: an evaluation before
@@ -275,6 +278,30 @@ def _mark_initialized(module, state_dict, prefix, *args, **kwargs):
     if any(prefix + k in state_dict for k in
            ("weight_clip_value", "activation_clip_value", "weight_scale", "activation_scale")):
         module.quant_initialized = True
+
+
+def _check_saved_bits(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                      unexpected_keys, error_msgs):
+    # "<prefix>quant_bits" ([bits_weights, bits_activations], written by _save_to_state_dict): a
+    # layer of other bits has parameters of the same shapes, so without it a 4-bit checkpoint
+    # loaded into an 8-bit model silently (its clips / scales fit 4 bits). A mismatch is reported
+    # as torch reports a shape mismatch (collected, raised by load_state_dict at the end, strict
+    # or not). Taken out like the init flag; absent in the reference's and older saq dicts.
+    saved = state_dict.pop(prefix + BITS_KEY, None)
+    if saved is None:
+        return
+    name = f"{type(module).__name__}.load_state_dict: {prefix + BITS_KEY!r}"
+    if not (isinstance(saved, Tensor) and saved.numel() == 2 and not saved.is_floating_point()):
+        error_msgs.append(f"{name} must be the two-integer tensor state_dict() writes, got {saved!r}")
+        return
+    bw, ba = (int(v) for v in saved.tolist())
+    if (bw, ba) != (module.bits_weights, module.bits_activations):
+        error_msgs.append(
+            f"{name}: the state dict was saved from a layer with bits_weights={bw}, "
+            f"bits_activations={ba}, but this one has bits_weights={module.bits_weights}, "
+            f"bits_activations={module.bits_activations}; build the model with the bits it was "
+            "saved with (quantize_model's weight_bits / act_bits / first_last_bits) or load only "
+            "the float weights")
 
 
 class QConv2d(QuantLayer, nn.Conv2d):

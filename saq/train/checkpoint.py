@@ -194,12 +194,14 @@ def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], pat
     """model.load_state_dict(state, strict) with an error naming the file, the missing and
     unexpected keys and the shape mismatches (a checkpoint of another model/bits/quantizer).
     ``what``: the model, as the message names it."""
-    from saq.nn.modules import INIT_KEY
+    from saq.nn.modules import BITS_KEY, INIT_KEY
 
     own = model.state_dict()
-    # "<layer>.quant_initialized" (has the quantizer's first-batch init run?) is optional: saq
-    # checkpoints written before it existed load as initialized (saq/nn/modules.py)
-    missing = [k for k in own if k not in state and not k.endswith("." + INIT_KEY)]
+    # "<layer>.quant_initialized" (has the quantizer's first-batch init run?) and
+    # "<layer>.quant_bits" are optional: saq checkpoints written before they existed load as
+    # initialized, with the config's bits (saq/nn/modules.py)
+    optional = ("." + INIT_KEY, "." + BITS_KEY)
+    missing = [k for k in own if k not in state and not k.endswith(optional)]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and hasattr(state[k], "shape")

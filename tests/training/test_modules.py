@@ -225,6 +225,38 @@ def test_bad_init_flag_is_refused():
         dst.load_state_dict(sd)
 
 
+def test_state_dict_of_other_bits_is_refused_before_it_is_used():
+    # same parameter shapes at any bit width: without the saved bits a 4-bit checkpoint loaded
+    # into an 8-bit layer silently
+    src = _liq_with_clips(0.123, 0.456, initialized=True)
+    sd = src.state_dict()
+    assert sd["quant_bits"].tolist() == [4, 4]
+    for wb, ab in ((8, 4), (4, 2), (32, 4)):
+        dst = QLinear(6, 4, bits_weights=wb, bits_activations=ab)
+        with pytest.raises(RuntimeError, match=(
+                rf"QLinear.load_state_dict: 'quant_bits': the state dict was saved from a layer with "
+                rf"bits_weights=4, bits_activations=4, but this one has bits_weights={wb}, "
+                rf"bits_activations={ab}")):
+            dst.load_state_dict(sd, strict=False)  # refused whether strict or not
+    dst = QLinear(6, 4, bits_weights=4, bits_activations=4)
+    dst.load_state_dict(sd)  # same bits: strict load, the entry taken out like the init flag
+    assert dst.weight_clip_value.item() == pytest.approx(0.123)
+    # a dict without it (the reference's, older saq ones) loads with the layer's bits
+    dst8 = QLinear(6, 4, bits_weights=8, bits_activations=8)
+    dst8.load_state_dict({k: v for k, v in sd.items() if k != "quant_bits"})
+    bad = dict(sd, quant_bits=torch.tensor([4.0, 4.0]))
+    with pytest.raises(RuntimeError, match="'quant_bits' must be the two-integer tensor"):
+        QLinear(6, 4, bits_weights=4, bits_activations=4).load_state_dict(bad)
+
+
+def test_bits_entry_names_the_layer_inside_a_model():
+    q = saq.quantize_model(small_cnn(), 4, 4)
+    other = saq.quantize_model(small_cnn(), 3, 4)
+    with pytest.raises(RuntimeError, match=r"'(\w+\.)+quant_bits': the state dict was saved from a layer "
+                                           r"with bits_weights=4"):
+        other.load_state_dict(q.state_dict())
+
+
 def test_float_checkpoint_loads_into_quantized_model_non_strict():
     f = small_cnn()
     q = saq.quantize_model(small_cnn(), 4, 4)
