@@ -141,11 +141,12 @@ else
     | awk '{n[$2] += $1} END {for (w in n) printf "%d %s, ", n[w], w}' | sed 's/, $//')
   cat "$WORK/tests.log" >>"$LOG"
   grep -E "^(FAILED|ERROR)" "$WORK/tests.log" | head -15
-  # a crash in saq_kernels._C: its frames as functions (torch's handler prints the library offsets;
-  # the extension's symbols are hidden, its symbol table is not)
+  # a crash in saq_kernels._C: its unnamed frames as functions (torch's handler prints their
+  # library offsets: the extension's symbols are hidden, its symbol table is not; a frame torch
+  # named already gives an offset into that function instead, so it is left as printed)
   if grep -q "Fatal Python error" "$WORK/tests.log" && command -v addr2line >/dev/null; then
-    grep -oE "\+ 0x[0-9a-f]+ \(0x[0-9a-f]+ in [^)]*saq_kernels/_C[^)]*\.so\)" "$WORK/tests.log" | head -40 |
-      while read -r _ off _ _ so; do
+    grep -oE "<unknown function> \+ 0x[0-9a-f]+ \(0x[0-9a-f]+ in [^)]*saq_kernels/_C[^)]*\.so\)" "$WORK/tests.log" | head -40 |
+      while read -r _ _ _ off _ _ so; do
         echo "  $off $(addr2line -f -C -e "${so%)}" "$off" | head -1)"
       done | tee -a "$LOG"
   fi

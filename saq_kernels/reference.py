@@ -13,9 +13,9 @@ Argument order is the op schema's (saq_kernels/OPS.md); all arguments are positi
 """
 from __future__ import annotations
 
-import struct
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -394,12 +394,13 @@ def _plus(a: Tensor, c: float) -> Tensor:
 
 
 def _f32(x: float) -> float:
-    """``x`` rounded to the nearest fp32 value (what a kernel's fp32 scalar holds)."""
-    return struct.unpack("f", struct.pack("f", x))[0]
+    """``x`` rounded to the nearest fp32 value (what a kernel's fp32 scalar holds). Through numpy,
+    which torch.compile traces (``struct.pack`` recursed inside dynamo on a recompile)."""
+    return float(np.float32(x))
 
 
 def _lerp(a: Tensor, b: Tensor, w: float) -> Tensor:
-    """``torch.lerp(a, b, w)``: ``a + w * (b - a)`` if ``w < 0.5`` else ``b - (b - a) * (1 - w)``.
+    """``torch.lerp(a, b, w)``: ``a + w * (b - a)`` if ``|w| < 0.5`` else ``b - (b - a) * (1 - w)``.
     Spelled out for fp16 / bf16 as separate fp32 ops (each rounded to fp32, one rounding to the
     dtype at the end): torch's CUDA lerp contracts the multiply-add into one fma, so on a GPU it
     differs from its own CPU kernel, and from the kernels, in a few elements per thousand."""
@@ -407,7 +408,7 @@ def _lerp(a: Tensor, b: Tensor, w: float) -> Tensor:
         return a.lerp(b, w)
     w32 = _f32(w)
     af, d = a.float(), b.float() - a.float()
-    out = af + d * w32 if w32 < 0.5 else b.float() - d * _f32(1.0 - w32)
+    out = af + d * w32 if abs(w32) < 0.5 else b.float() - d * _f32(1.0 - w32)
     return out.to(a.dtype)
 
 

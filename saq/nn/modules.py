@@ -102,7 +102,6 @@ class QuantLayer:
         # Data-driven init runs on the first forward unless a state dict provided the values.
         self.quant_initialized = False
         self._register_load_state_dict_pre_hook(_mark_initialized, with_module=True)
-        self._register_load_state_dict_pre_hook(_check_saved_bits, with_module=True)
         self.clear_saq_state()
 
     # ---------------------------------------------------------------- SAQ hooks (used by saq.SAQ)
@@ -245,6 +244,18 @@ class QuantLayer:
         destination[prefix + INIT_KEY] = torch.tensor(bool(self.quant_initialized))
         destination[prefix + BITS_KEY] = torch.tensor([self.bits_weights, self.bits_activations])
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A state dict of other bits (same shapes) is refused before anything of this layer loads
+        # (its pre-hooks included), as torch leaves a tensor of another shape untouched; the error
+        # is collected and raised by load_state_dict at the end, strict or not.
+        msg = _saved_bits_error(self, state_dict.pop(prefix + BITS_KEY, None), prefix)
+        if msg is not None:
+            error_msgs.append(msg)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def _maybe_init(self, x: Tensor) -> None:
         # on the first forward in any mode, as the reference code does: an evaluation before
         # training would otherwise run the placeholders (an LSQ scale of 1 zeroes every weight)
@@ -280,24 +291,22 @@ def _mark_initialized(module, state_dict, prefix, *args, **kwargs):
         module.quant_initialized = True
 
 
-def _check_saved_bits(module, state_dict, prefix, local_metadata, strict, missing_keys,
-                      unexpected_keys, error_msgs):
-    # "<prefix>quant_bits" ([bits_weights, bits_activations], written by _save_to_state_dict): a
-    # layer of other bits has parameters of the same shapes, so without it a 4-bit checkpoint
-    # loaded into an 8-bit model silently (its clips / scales fit 4 bits). A mismatch is reported
-    # as torch reports a shape mismatch (collected, raised by load_state_dict at the end, strict
-    # or not). Taken out like the init flag; absent in the reference's and older saq dicts.
-    saved = state_dict.pop(prefix + BITS_KEY, None)
+def _saved_bits_error(module, saved, prefix: str) -> Optional[str]:
+    """Why a state dict's "<prefix>quant_bits" ([bits_weights, bits_activations], written by
+    _save_to_state_dict) does not fit ``module`` (None: it fits, or is absent, as in the
+    reference's and older saq dicts). Without it a 4-bit checkpoint loaded into an 8-bit layer
+    silently: the clips / scales have the same shapes at every bit width."""
     if saved is None:
-        return
+        return None
     name = f"{type(module).__name__}.load_state_dict: {prefix + BITS_KEY!r}"
-    if not (isinstance(saved, Tensor) and saved.numel() == 2 and not saved.is_floating_point()):
-        error_msgs.append(f"{name} must be the two-integer tensor state_dict() writes, got {saved!r}")
-        return
+    # whole numbers of any dtype (a checkpoint averaged in floating point keeps 4.0)
+    if not (isinstance(saved, Tensor) and saved.numel() == 2 and not saved.is_complex()
+            and bool((saved == saved.round()).all())):
+        return f"{name} must be the two whole numbers state_dict() writes, got {saved!r}"
     bw, ba = (int(v) for v in saved.tolist())
-    if (bw, ba) != (module.bits_weights, module.bits_activations):
-        error_msgs.append(
-            f"{name}: the state dict was saved from a layer with bits_weights={bw}, "
+    if (bw, ba) == (module.bits_weights, module.bits_activations):
+        return None
+    return (f"{name}: the state dict was saved from a layer with bits_weights={bw}, "
             f"bits_activations={ba}, but this one has bits_weights={module.bits_weights}, "
             f"bits_activations={module.bits_activations}; build the model with the bits it was "
             "saved with (quantize_model's weight_bits / act_bits / first_last_bits) or load only "

@@ -206,7 +206,12 @@ def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], pat
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and hasattr(state[k], "shape")
               and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
+    # a layer of other bits has the same shapes: its bits entry tells (4.0 == 4 for an average)
+    bits = [f"{k[:-len(BITS_KEY) - 1]}: checkpoint {state[k].tolist()} vs model {own[k].tolist()}"
+            for k in own if k.endswith("." + BITS_KEY) and k in state
+            and hasattr(state[k], "tolist") and tuple(state[k].shape) == tuple(own[k].shape)
+            and state[k].tolist() != own[k].tolist()]
+    if missing or unexpected or shapes or bits:
         def cut(xs):
             return ", ".join(xs[:6]) + (f", ... ({len(xs)} in all)" if len(xs) > 6 else "")
         parts = []
@@ -216,5 +221,7 @@ def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], pat
             parts.append(f"unexpected keys: {cut(unexpected)}")
         if shapes:
             parts.append(f"shape mismatch: {cut(shapes)}")
+        if bits:
+            parts.append(f"bits [weights, activations] mismatch: {cut(bits)}")
         raise CheckpointError(f"checkpoint {path!r} does not fit {what} ({'; '.join(parts)})")
     model.load_state_dict(state, strict=True)

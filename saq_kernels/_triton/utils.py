@@ -34,15 +34,15 @@ def _launch_constant(name: str, default: int, lo: int, hi: int) -> int:
 # kernels (Inductor's pointwise XBLOCK=1024 / 4 warps). Measured on an H200 (2026-11-27,
 # benchmarks/triton_sweep.py; benchmarks/results/triton_sweep-nvidia-h200.csv), fp32 at 2^26 and
 # ResNet-50's SAM update, geometric mean of each configuration's time over the fastest's: 1024x4
-# 1.045x, 2048x8 1.017x, 4096x8 1.037x; 2048x8 is 2.7 % faster, under the 3 % asked before a
-# change, and the quantizer kernels already run at 1.01-1.12x a copy with 1024x4 (the SAM rows are
+# 1.045x, 2048x8 1.017x, 4096x8 1.037x; 2048x8 is 2.8 % faster, under the 3 % asked before a
+# change, and the quantizer kernels already run at 1.01-1.14x a copy with 1024x4 (the SAM rows are
 # host-bound). SAQ_TRITON_BLOCK / SAQ_TRITON_NUM_WARPS override them for such a sweep.
 BLOCK = _launch_constant("SAQ_TRITON_BLOCK", 1024, 128, 16384)
 NUM_WARPS = _launch_constant("SAQ_TRITON_NUM_WARPS", 4, 1, 32)
 # Reduction kernels (fake-quantize backward) cap their grid at this many programs and loop over
 # the rest, so the partial-sum buffer stays small (<= MAX_PROGRAMS * C floats) while still
 # giving each of an H100's 132 SMs several programs. Not swept yet (SAQ_TRITON_MAX_PROGRAMS); with
-# it the fp32 backward ran at 1.05-1.12x a copy at 2^26 on the H200.
+# it the fp32 backward ran at 1.09-1.14x a copy at 2^26 on the H200.
 MAX_PROGRAMS = _launch_constant("SAQ_TRITON_MAX_PROGRAMS", 1024, 128, 65536)
 
 

@@ -1,6 +1,6 @@
 """use_backend across threads: PyTorch runs the backward pass of CUDA tensors on its own
 per-device thread, not the thread that called ``loss.backward()``; a block must reach it (else the
-backward ops fall back to the default order: a Triton forward with a reference backward). On the
+backward ops fall back to the default order: a Triton forward with a CUDA backward). On the
 CPU the engine stays on the calling thread, so these tests run the backward from a second thread
 while the block is open, which is what the GPU does."""
 from __future__ import annotations

@@ -106,3 +106,21 @@ def test_compiled_fp64_parameter_gradients():
         for a, b in zip(g1, g0):
             assert a.dtype == b.dtype == torch.float64, name
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_reference_adamw_compiles_again_for_new_betas(dtype):
+    # the benchmarks' torch.compile(reference) baseline: a second beta2 recompiles with the float
+    # dynamic, and the fp16/bf16 path's fp32 rounding of its scalars must trace then too
+    from saq_kernels import reference as R
+
+    compiled = torch.compile(R.sam_restore_adamw_, backend="eager", fullgraph=True)
+    for beta2 in (0.999, 0.99, 0.95):
+        g = torch.Generator().manual_seed(int(beta2 * 1000))
+        p, gr = torch.randn(64, generator=g).to(dtype), torch.randn(64, generator=g).to(dtype)
+        want, got = [p.clone()], [p.clone()]
+        state = lambda: ([torch.zeros(64, dtype=dtype)], [torch.zeros(64, dtype=dtype)], [torch.tensor(0.0)])  # noqa: E731
+        for fn, ps in ((R.sam_restore_adamw_, want), (compiled, got)):
+            m, v, steps = state()
+            fn(ps, [], [gr], m, v, steps, torch.tensor(1e-3), 0.9, beta2, 1e-8, 0.01, None)
+        assert torch.equal(got[0], want[0]), beta2

@@ -98,7 +98,8 @@ def test_choose_pairs_quantizer_forward_and_backward_on_fwd_bwd_rows():
 
 def test_fill_gives_unmeasured_ops_and_dtypes_a_measured_order_of_their_family():
     # a budget-cut GPU run: fp32 quantizer rows only, one SAM op; the train step's ops in bf16
-    # and the other SAM ops must not fall back to CUDA's base order (the reference)
+    # and the other SAM ops must not fall back to the device's base order (that of a run with
+    # no rows)
     rows = (quant_rows({"saq-triton": {"a": 1.0}, "saq-cuda": {"a": 2.0}})
             + [row("sam_perturb_", "saq-cuda", "update", "resnet50", "fp32", 1.0),
                row("sam_perturb_", "saq-triton", "update", "resnet50", "fp32", 2.0)])

@@ -235,6 +235,17 @@ def test_incompatible_checkpoint(tiny_ckpt, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(p)]) == 2
     err = capsys.readouterr().err
     assert "lsq.pt" in err and "shape mismatch" in err and "Traceback" not in err
+    # a config of other bits: same shapes, told apart by the layers' bits entries
+    ck = torch.load(tiny_ckpt, weights_only=True)
+    wbits = ck["config"]["wbits"]
+    ck["config"]["wbits"] = 3 if wbits != 3 else 5
+    torch.save(ck, p)
+    with pytest.raises(CheckpointError, match=rf"bits \[weights, activations\] mismatch: \w+: "
+                                              rf"checkpoint \[{wbits}, \d+\] vs model \[{ck['config']['wbits']}, "):
+        evaluate_checkpoint(str(p))
+    assert main(["eval", "--checkpoint", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "bits [weights, activations] mismatch" in err and "Traceback" not in err
 
 
 def test_atomic_save_on_a_file_system_without_modes(tmp_path, monkeypatch):

@@ -231,22 +231,29 @@ def test_state_dict_of_other_bits_is_refused_before_it_is_used():
     src = _liq_with_clips(0.123, 0.456, initialized=True)
     sd = src.state_dict()
     assert sd["quant_bits"].tolist() == [4, 4]
-    for wb, ab in ((8, 4), (4, 2), (32, 4)):
+    for wb, ab, strict in ((8, 4, True), (4, 2, False), (32, 4, True)):
         dst = QLinear(6, 4, bits_weights=wb, bits_activations=ab)
+        before = {k: v.clone() for k, v in dst.state_dict().items()}
         with pytest.raises(RuntimeError, match=(
                 rf"QLinear.load_state_dict: 'quant_bits': the state dict was saved from a layer with "
                 rf"bits_weights=4, bits_activations=4, but this one has bits_weights={wb}, "
-                rf"bits_activations={ab}")):
-            dst.load_state_dict(sd, strict=False)  # refused whether strict or not
+                rf"bits_activations={ab}")) as err:
+            dst.load_state_dict(sd, strict=strict)  # refused whether strict or not
+        assert "Missing key" not in str(err.value) and "Unexpected key" not in str(err.value)
+        # nothing of the layer loaded (as torch leaves a tensor of another shape untouched)
+        after = dst.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before) and not dst.quant_initialized
     dst = QLinear(6, 4, bits_weights=4, bits_activations=4)
     dst.load_state_dict(sd)  # same bits: strict load, the entry taken out like the init flag
-    assert dst.weight_clip_value.item() == pytest.approx(0.123)
+    assert dst.weight_clip_value.item() == pytest.approx(0.123) and dst.quant_initialized
+    # whole numbers in floating point (an averaged checkpoint) load too
+    QLinear(6, 4, bits_weights=4, bits_activations=4).load_state_dict(dict(sd, quant_bits=torch.tensor([4.0, 4.0])))
     # a dict without it (the reference's, older saq ones) loads with the layer's bits
     dst8 = QLinear(6, 4, bits_weights=8, bits_activations=8)
     dst8.load_state_dict({k: v for k, v in sd.items() if k != "quant_bits"})
-    bad = dict(sd, quant_bits=torch.tensor([4.0, 4.0]))
-    with pytest.raises(RuntimeError, match="'quant_bits' must be the two-integer tensor"):
-        QLinear(6, 4, bits_weights=4, bits_activations=4).load_state_dict(bad)
+    for bad in (torch.tensor([4.5, 4.0]), torch.tensor([4]), "4,4"):
+        with pytest.raises(RuntimeError, match="'quant_bits' must be the two whole numbers"):
+            QLinear(6, 4, bits_weights=4, bits_activations=4).load_state_dict(dict(sd, quant_bits=bad))
 
 
 def test_bits_entry_names_the_layer_inside_a_model():
