@@ -252,6 +252,10 @@ class QuantLayer:
         msg = _saved_bits_error(self, state_dict.pop(prefix + BITS_KEY, None), prefix)
         if msg is not None:
             error_msgs.append(msg)
+            # children load after this returns (a weight_norm / parametrize weight lives in one):
+            # their entries go too, so nothing under this layer loads
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                del state_dict[key]
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
@@ -284,7 +288,8 @@ def _mark_initialized(module, state_dict, prefix, *args, **kwargs):
             raise ValueError(
                 f"{type(module).__name__}.load_state_dict: {prefix + INIT_KEY!r} must be the "
                 f"one-element tensor state_dict() writes, got {flag!r}")
-        module.quant_initialized = bool(flag.item())
+        if not flag.is_meta:  # a load onto the meta device has no value to read
+            module.quant_initialized = bool(flag.item())
         return
     if any(prefix + k in state_dict for k in
            ("weight_clip_value", "activation_clip_value", "weight_scale", "activation_scale")):
@@ -299,11 +304,15 @@ def _saved_bits_error(module, saved, prefix: str) -> Optional[str]:
     if saved is None:
         return None
     name = f"{type(module).__name__}.load_state_dict: {prefix + BITS_KEY!r}"
-    # whole numbers of any dtype (a checkpoint averaged in floating point keeps 4.0)
-    if not (isinstance(saved, Tensor) and saved.numel() == 2 and not saved.is_complex()
-            and bool((saved == saved.round()).all())):
+    ok = (isinstance(saved, Tensor) and saved.dim() == 1 and saved.numel() == 2
+          and saved.dtype != torch.bool and not saved.is_complex())
+    if ok and saved.is_meta:
+        return None  # a load onto the meta device: no values to compare
+    # whole numbers of any real dtype (a checkpoint averaged in floating point keeps 4.0)
+    values = saved.tolist() if ok else []
+    if not (ok and all(math.isfinite(v) and float(v).is_integer() for v in values)):
         return f"{name} must be the two whole numbers state_dict() writes, got {saved!r}"
-    bw, ba = (int(v) for v in saved.tolist())
+    bw, ba = (int(v) for v in values)
     if (bw, ba) == (module.bits_weights, module.bits_activations):
         return None
     return (f"{name}: the state dict was saved from a layer with bits_weights={bw}, "

@@ -35,8 +35,8 @@ def _launch_constant(name: str, default: int, lo: int, hi: int) -> int:
 # benchmarks/triton_sweep.py; benchmarks/results/triton_sweep-nvidia-h200.csv), fp32 at 2^26 and
 # ResNet-50's SAM update, geometric mean of each configuration's time over the fastest's: 1024x4
 # 1.045x, 2048x8 1.017x, 4096x8 1.037x; 2048x8 is 2.8 % faster, under the 3 % asked before a
-# change, and the quantizer kernels already run at 1.01-1.14x a copy with 1024x4 (the SAM rows are
-# host-bound). SAQ_TRITON_BLOCK / SAQ_TRITON_NUM_WARPS override them for such a sweep.
+# change, and the quantizer kernels already run at 1.01-1.14x a copy with 1024x4 in the sweep
+# (the SAM rows are host-bound). SAQ_TRITON_BLOCK / SAQ_TRITON_NUM_WARPS override them for such a sweep.
 BLOCK = _launch_constant("SAQ_TRITON_BLOCK", 1024, 128, 16384)
 NUM_WARPS = _launch_constant("SAQ_TRITON_NUM_WARPS", 4, 1, 32)
 # Reduction kernels (fake-quantize backward) cap their grid at this many programs and loop over

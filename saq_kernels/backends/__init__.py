@@ -119,7 +119,7 @@ _BACKENDS: Dict[str, Backend] = {}
 # toolchain fixed in _build.link_flags, and ~30 tests after it did not run) and ranked cuda first,
 # then triton, for every op and dtype it timed (fp32, bf16; geometric mean over the shapes of
 # forward+backward for the quantizers, of the update for the SAM ops: triton wins a few
-# single-direction rows at 2^26); an op or dtype without rows of its own (fp16) takes that
+# single-direction rows in fp32); an op or dtype without rows of its own (fp16) takes that
 # ranking from here.
 _DEFAULT_ORDER: Dict[str, List[str]] = {
     "cpu": ["cpp", "reference"],

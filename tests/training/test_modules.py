@@ -251,9 +251,30 @@ def test_state_dict_of_other_bits_is_refused_before_it_is_used():
     # a dict without it (the reference's, older saq ones) loads with the layer's bits
     dst8 = QLinear(6, 4, bits_weights=8, bits_activations=8)
     dst8.load_state_dict({k: v for k, v in sd.items() if k != "quant_bits"})
-    for bad in (torch.tensor([4.5, 4.0]), torch.tensor([4]), "4,4"):
+    for bad in (torch.tensor([4.5, 4.0]), torch.tensor([4]), "4,4", torch.tensor([[4, 4]]),
+                torch.tensor([True, True]), torch.tensor([float("inf"), 4.0])):
         with pytest.raises(RuntimeError, match="'quant_bits' must be the two whole numbers"):
             QLinear(6, 4, bits_weights=4, bits_activations=4).load_state_dict(dict(sd, quant_bits=bad))
+
+
+def test_refused_bits_load_nothing_under_the_layer():
+    # a weight parametrized after quantize_model lives in a child module, which torch loads after
+    # the layer: it must not load either
+    from torch.nn.utils.parametrizations import weight_norm
+
+    src = weight_norm(QLinear(6, 4, bits_weights=4, bits_activations=4))
+    dst = weight_norm(QLinear(6, 4, bits_weights=8, bits_activations=4))
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(RuntimeError, match="saved from a layer with bits_weights=4"):
+        dst.load_state_dict(src.state_dict(), strict=False)
+    after = dst.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # a load onto the meta device (no values to read) passes both entries
+    with torch.device("meta"):
+        m = QLinear(6, 4, bits_weights=4, bits_activations=4)
+    sd = {k: v.to("meta") for k, v in QLinear(6, 4, bits_weights=4, bits_activations=4).state_dict().items()}
+    m.load_state_dict(sd, assign=True)
+    assert m.weight.is_meta
 
 
 def test_bits_entry_names_the_layer_inside_a_model():
