@@ -381,7 +381,8 @@ def _add_scaled(a: Tensor, b: Tensor, alpha: float) -> Tensor:
     dtype first (a different result in about a third of the elements), and a GPU may fuse the
     multiply-add."""
     if a.dtype in (torch.float16, torch.bfloat16):
-        return (a.float() + b.float() * alpha).to(a.dtype)
+        # b * alpha, then + a (the same two fp32 roundings), in place on the fresh fp32 copy
+        return b.to(torch.float32, copy=True).mul_(alpha).add_(a.float()).to(a.dtype)
     return a.add(b, alpha=alpha)
 
 
@@ -389,7 +390,7 @@ def _plus(a: Tensor, c: float) -> Tensor:
     """``a + c`` for a Python float ``c`` in fp32 math (torch's CPU kernels round ``c`` to fp16 /
     bf16 first, as ``alpha`` above)."""
     if a.dtype in (torch.float16, torch.bfloat16):
-        return (a.float() + c).to(a.dtype)
+        return a.float().add_(c).to(a.dtype)
     return a + c
 
 
@@ -407,8 +408,9 @@ def _lerp(a: Tensor, b: Tensor, w: float) -> Tensor:
     if a.dtype not in (torch.float16, torch.bfloat16):
         return a.lerp(b, w)
     w32 = _f32(w)
-    af, d = a.float(), b.float() - a.float()
-    out = af + d * w32 if abs(w32) < 0.5 else b.float() - d * _f32(1.0 - w32)
+    af, bf = a.float(), b.to(torch.float32, copy=True)  # bf is written below
+    d = torch.sub(bf, af)  # in place from here on: the same fp32 roundings, fewer temporaries
+    out = d.mul_(w32).add_(af) if abs(w32) < 0.5 else bf.sub_(d.mul_(_f32(1.0 - w32)))
     return out.to(a.dtype)
 
 
@@ -418,7 +420,8 @@ def _decay_add_sq(v: Tensor, g: Tensor, beta2: float) -> Tensor:
     if v.dtype not in (torch.float16, torch.bfloat16):
         return v.mul(beta2).addcmul_(g, g, value=1 - beta2)
     gf = g.float()
-    return ((v.float() * _f32(beta2)).to(v.dtype).float() + (gf * _f32(1 - beta2)) * gf).to(v.dtype)
+    decayed = v.float().mul_(_f32(beta2)).to(v.dtype).float()
+    return torch.mul(gf, _f32(1 - beta2)).mul_(gf).add_(decayed).to(v.dtype)
 
 
 def sam_restore_adamw_(
