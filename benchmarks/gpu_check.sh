@@ -9,9 +9,10 @@
 #   1. facts: GPU, driver, torch / triton / nvcc versions
 #   2. build saq_kernels._C in place (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16); a failure is reported
 #      and the cuda/cpp backends then say why they are unavailable (no JIT rebuild: SAQ_JIT_BUILD=0)
-#   3. GPU tests: pytest -m "gpu and not slow" tests/kernels tests/training, in parallel shards
-#      (nproc/2, at most 8: tests/conftest.py's --shard I/K); then compute-sanitizer memcheck of the
-#      CUDA kernels on a small case (tests/kernels/test_cuda_memcheck.py)
+#   3. GPU tests: pytest -m "gpu and not slow" tests/kernels tests/training, nproc/2 (at most 8)
+#      processes: pytest-xdist workers where it is installed (a crash costs one test), else
+#      tests/conftest.py's --shard I/K (SAQ_CHECK_XDIST=0 forces these); then compute-sanitizer
+#      memcheck of the CUDA kernels on a small case (tests/kernels/test_cuda_memcheck.py)
 #   4. GPU benchmarks, SAQ_BENCH_MODE=short, one pytest per suite with its own time budget
 #      (the harness skips the remaining cases when the budget is spent; the CSV is written as it goes)
 #   4b. the Triton launch-constant sweep (benchmarks/triton_sweep.py: BLOCK x num_warps, bf16 then
@@ -27,7 +28,7 @@
 # The compact table is printed last.
 #
 # Environment: PYTHON (default python3), SAQ_CHECK_BUDGET (s), SAQ_CHECK_SKIP_BUILD=1,
-# SAQ_CHECK_SKIP_TESTS=1, SAQ_CHECK_SHARDS (parallel test processes), SAQ_CHECK_TEST_MARK and
+# SAQ_CHECK_SKIP_TESTS=1, SAQ_CHECK_SHARDS (parallel test processes), SAQ_CHECK_XDIST=0, SAQ_CHECK_TEST_MARK and
 # SAQ_CHECK_TEST_PATHS (the test selection; for a dry run on a CPU), SAQ_BENCH_MODE (default
 # short), SAQ_CHECK_SUITES (default "fake_quantize:25 liq_quantize:20 sam:20 train_step:35":
 # suites and their shares of the benchmark time; the train step runs ResNet-18 at batch 256 in
@@ -103,40 +104,55 @@ if [ "${SAQ_CHECK_SKIP_TESTS:-0}" = 1 ]; then
 elif [ ! -d tests/kernels ]; then
   say "tests: SKIPPED: no tests/kernels"
 else
-  # ~800 GPU tests, many compiling a Triton variant first: K pytest processes side by side (the
-  # conftest's --shard I/K), so that compilation uses the machine's cores
+  # ~800 GPU tests, many compiling a Triton variant first: K pytest processes side by side, so
+  # that compilation uses the machine's cores. With pytest-xdist (the GPU image has it) one
+  # pytest with K workers: a worker that crashes is replaced, its test reported as failed by node
+  # id and the rest still run (the H200 run of 2026-11-27 lost ~30 tests of a shard to a crash).
+  # Without it, the conftest's --shard I/K, K processes.
   MARK=${SAQ_CHECK_TEST_MARK:-gpu and not slow}
   TPATHS=${SAQ_CHECK_TEST_PATHS:-tests/kernels tests/training}
   NCPU=$(nproc 2>/dev/null || echo 2)
   K=${SAQ_CHECK_SHARDS:-$(( NCPU / 2 > 8 ? 8 : (NCPU / 2 < 1 ? 1 : NCPU / 2) ))}
   T=$(cap 150 180)
-  say "tests: pytest -m '$MARK' $TPATHS in $K parallel shards (timeout ${T}s)"
-  pids=()
-  for ((i = 0; i < K; i++)); do
-    # each shard its share of the cores: OpenMP threads, and inductor compiles in-process (its
-    # default is a pool of nproc workers per process)
+  # each process its share of the cores: OpenMP threads, and inductor compiles in-process (its
+  # default is a pool of nproc workers per process); SAQ_TEST_NATIVE_TRACES: a crash prints its
+  # C++ stack too (tests/conftest.py), which --capture=sys lets through
+  TENV=(env SAQ_TEST_NATIVE_TRACES=1 TORCHINDUCTOR_COMPILE_THREADS=1 OMP_NUM_THREADS=$(( NCPU / K > 1 ? NCPU / K : 1 )))
+  if [ "${SAQ_CHECK_XDIST:-1}" = 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
+    say "tests: pytest -m '$MARK' $TPATHS -n $K (pytest-xdist; timeout ${T}s)"
     # shellcheck disable=SC2086  # TPATHS is a list of paths
-    # (SAQ_TEST_NATIVE_TRACES: a crash prints its C++ stack too, tests/conftest.py)
-    SAQ_TEST_NATIVE_TRACES=1 OMP_NUM_THREADS=$(( NCPU / K > 1 ? NCPU / K : 1 )) TORCHINDUCTOR_COMPILE_THREADS=1 \
-      timeout -s INT -k 10 "$T" \
-      "$PY" -m pytest -m "$MARK" $TPATHS -q -rfEs -p no:cacheprovider --capture=sys --shard "$i/$K" \
-      >"$WORK/tests.$i.log" 2>&1 &
-    pids+=($!)
-  done
-  # rc: a timeout in any shard wins, then a failure, then 0; 5 (nothing selected) only if every shard
-  rc=5
-  for ((i = 0; i < K; i++)); do
-    wait "${pids[$i]}"; r=$?
-    { echo "---- shard $i/$K: rc=$r"; cat "$WORK/tests.$i.log"; } >>"$WORK/tests.log"
-    case $r in
-      124|130|137|143) rc=124 ;;  # timed out (137: killed after the grace period)
-      5) ;;
-      0) [ "$rc" = 5 ] && rc=0 ;;
-      *) [ "$rc" != 124 ] && rc=$r ;;
-    esac
-  done
-  # the shards' summary lines added up: "N passed, M failed, ..."
-  SUMMARY=$(for ((i = 0; i < K; i++)); do tail -1 "$WORK/tests.$i.log"; done \
+    "${TENV[@]}" timeout -s INT -k 10 "$T" "$PY" -m pytest -m "$MARK" $TPATHS -q -rfEs -p no:cacheprovider \
+      --capture=sys -n "$K" --max-worker-restart "$((2 * K))" >"$WORK/tests.0.log" 2>&1
+    r=$?
+    { echo "---- pytest-xdist, $K workers: rc=$r"; cat "$WORK/tests.0.log"; } >>"$WORK/tests.log"
+    case $r in 124|130|137|143) rc=124 ;; *) rc=$r ;; esac  # 137: killed after the grace period
+    NLOGS=1
+  else
+    say "tests: pytest -m '$MARK' $TPATHS in $K parallel shards (timeout ${T}s)"
+    pids=()
+    for ((i = 0; i < K; i++)); do
+      # shellcheck disable=SC2086  # TPATHS is a list of paths
+      "${TENV[@]}" timeout -s INT -k 10 "$T" \
+        "$PY" -m pytest -m "$MARK" $TPATHS -q -rfEs -p no:cacheprovider --capture=sys --shard "$i/$K" \
+        >"$WORK/tests.$i.log" 2>&1 &
+      pids+=($!)
+    done
+    # rc: a timeout in any shard wins, then a failure, then 0; 5 (nothing selected) only if every shard
+    rc=5
+    for ((i = 0; i < K; i++)); do
+      wait "${pids[$i]}"; r=$?
+      { echo "---- shard $i/$K: rc=$r"; cat "$WORK/tests.$i.log"; } >>"$WORK/tests.log"
+      case $r in
+        124|130|137|143) rc=124 ;;  # timed out (137: killed after the grace period)
+        5) ;;
+        0) [ "$rc" = 5 ] && rc=0 ;;
+        *) [ "$rc" != 124 ] && rc=$r ;;
+      esac
+    done
+    NLOGS=$K
+  fi
+  # the summary lines added up: "N passed, M failed, ..."
+  SUMMARY=$(for ((i = 0; i < NLOGS; i++)); do tail -1 "$WORK/tests.$i.log"; done \
     | grep -oE "[0-9]+ (passed|failed|skipped|errors?|xfailed|xpassed)" \
     | awk '{n[$2] += $1} END {for (w in n) printf "%d %s, ", n[w], w}' | sed 's/, $//')
   cat "$WORK/tests.log" >>"$LOG"
@@ -153,7 +169,7 @@ else
   case $rc in
     0) say "tests: ok: $SUMMARY" ;;
     5) say "tests: no test carries the gpu marker" ;;
-    124) say "tests: TIMEOUT after ${T}s (a shard did not finish): $SUMMARY" ;;
+    124) say "tests: TIMEOUT after ${T}s (a process did not finish): $SUMMARY" ;;
     *) say "tests: FAILED rc=$rc: $SUMMARY" ;;
   esac
   # A backend with a failing GPU test (read from the test's node id: benchmarks/gpu_failures.py)

@@ -46,6 +46,11 @@ def test_only_the_node_id_counts():
         "---- shard 0/8: rc=1",
     ]
     assert gf.failing_backends(lines) == {"triton"}
+    # pytest-xdist reports a crashed worker's test like a failure (gpu_check.sh's default runner)
+    crashed = ["[gw3] node down: Not properly terminated",
+               "FAILED tests/kernels/test_cuda_backend.py::test_errors_name_op_and_argument - worker "
+               "'gw3' crashed while runn..."]
+    assert gf.failing_backends(crashed) == {"cuda"}
 
 
 def test_every_gpu_test_id_is_read():
