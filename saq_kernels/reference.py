@@ -374,13 +374,17 @@ def sam_restore_sgd_(
         _select_(p, p - lr.to(p.dtype) * d, skip)
 
 
+# the dtypes whose SGD / AdamW terms are spelled out in fp32 below (OPS.md's rounding rule)
+_LOWP = (torch.float16, torch.bfloat16)
+
+
 def _add_scaled(a: Tensor, b: Tensor, alpha: float) -> Tensor:
     """``a + alpha * b`` as one torch op in fp32 math (``alpha`` an fp32 scalar, one rounding to
     the dtype), the rule of OPS.md. Spelled out for fp16 / bf16 because ``a.add(b, alpha=...)``
     does not follow it everywhere: torch's vectorized CPU kernels round ``alpha`` to the tensor's
     dtype first (a different result in about a third of the elements), and a GPU may fuse the
     multiply-add."""
-    if a.dtype in (torch.float16, torch.bfloat16):
+    if a.dtype in _LOWP:
         # b * alpha, then + a (the same two fp32 roundings), in place on the fresh fp32 copy
         return b.to(torch.float32, copy=True).mul_(alpha).add_(a.float()).to(a.dtype)
     return a.add(b, alpha=alpha)
@@ -389,7 +393,7 @@ def _add_scaled(a: Tensor, b: Tensor, alpha: float) -> Tensor:
 def _plus(a: Tensor, c: float) -> Tensor:
     """``a + c`` for a Python float ``c`` in fp32 math (torch's CPU kernels round ``c`` to fp16 /
     bf16 first, as ``alpha`` above)."""
-    if a.dtype in (torch.float16, torch.bfloat16):
+    if a.dtype in _LOWP:
         return a.float().add_(c).to(a.dtype)
     return a + c
 
@@ -405,7 +409,7 @@ def _lerp(a: Tensor, b: Tensor, w: float) -> Tensor:
     Spelled out for fp16 / bf16 as separate fp32 ops (each rounded to fp32, one rounding to the
     dtype at the end): torch's CUDA lerp contracts the multiply-add into one fma, so on a GPU it
     differs from its own CPU kernel, and from the kernels, in a few elements per thousand."""
-    if a.dtype not in (torch.float16, torch.bfloat16):
+    if a.dtype not in _LOWP:
         return a.lerp(b, w)
     w32 = _f32(w)
     af, bf = a.float(), b.to(torch.float32, copy=True)  # bf is written below
@@ -417,7 +421,7 @@ def _lerp(a: Tensor, b: Tensor, w: float) -> Tensor:
 def _decay_add_sq(v: Tensor, g: Tensor, beta2: float) -> Tensor:
     """``beta2 * v + (1 - beta2) * g * g``: the first product rounded to the dtype, then
     ``+ ((1 - beta2) * g) * g`` in fp32 with one rounding (torch's CUDA addcmul fuses it)."""
-    if v.dtype not in (torch.float16, torch.bfloat16):
+    if v.dtype not in _LOWP:
         return v.mul(beta2).addcmul_(g, g, value=1 - beta2)
     gf = g.float()
     decayed = v.float().mul_(_f32(beta2)).to(v.dtype).float()

@@ -571,13 +571,11 @@ class SAQ(Optimizer):
                        for i, e in last["weights"].items()]
             small = [(self.small[int(i)][0], d.to(self.small[int(i)][0].device))
                      for i, d in last["small"].items()]
-            for (m, e) in weights:
-                if e.shape != m.weight.shape:
-                    raise IndexError(f"a perturbation of shape {tuple(e.shape)} for a weight of "
-                                     f"{tuple(m.weight.shape)}")
-            for (p, d) in small:
-                if d.shape != p.shape:
-                    raise IndexError(f"a delta of shape {tuple(d.shape)} for a parameter of {tuple(p.shape)}")
+            pairs = [("perturbation", e, "weight", m.weight) for m, e in weights]
+            pairs += [("delta", d, "parameter", p) for p, d in small]
+            for saved, t, of, target in pairs:
+                if t.shape != target.shape:
+                    raise IndexError(f"a {saved} of shape {tuple(t.shape)} for a {of} of {tuple(target.shape)}")
             scale = last["scale"].to(weights[0][0].weight.device if weights else last["scale"].device)
         except (KeyError, IndexError, AttributeError, TypeError) as exc:
             raise ValueError(
