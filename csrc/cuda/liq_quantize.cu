@@ -46,6 +46,22 @@ __device__ __forceinline__ void load_perturbation(const TE* __restrict__ e, int6
   }
 }
 
+// The flags a kernel branches on. kPlain instantiations serve the activation quantizer's case
+// (unsigned, not standardized, not perturbed: nearly all of a QAT step's LIQ elements) with the
+// flags as compile-time constants, so that loop carries no code or branches of the other cases;
+// the other instantiations read them from the arguments.
+struct Flags {
+  bool is_signed;
+  bool standardize;
+  int mode;
+};
+
+template <bool kPlain>
+__device__ __forceinline__ Flags flags(const LiqKernelArgs& a) {
+  if (kPlain) return Flags{false, false, kNoPerturb};
+  return Flags{a.is_signed, a.standardize, a.mode};
+}
+
 // ---------------------------------------------------------------------------------------------
 // statistics: partials[b] = sum of the quantizer inputs of block b, partials[G + b] = sum of
 // their squares (fp64).
@@ -108,39 +124,40 @@ __global__ void __launch_bounds__(kThreads, detail::kMinBlocks)
 // ---------------------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------------------
-template <typename T, typename TE>
+template <typename T, typename TE, bool kPlain>
 __global__ void __launch_bounds__(kThreads, detail::kMinBlocks)
     liq_fwd_kernel(const T* __restrict__ x, const TE* __restrict__ e, T* __restrict__ y,
                    const LiqKernelArgs a) {
   constexpr int N = detail::Vec<T>::N;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const float s = a.mode != kNoPerturb ? __ldg(a.s) : 0.0f;
+  const Flags f = flags<kPlain>(a);
+  const float s = f.mode != kNoPerturb ? __ldg(a.s) : 0.0f;
   const float c = fabsf(__ldg(a.clip));
-  const float mean = a.standardize ? __ldg(a.stats) : 0.0f;
-  const float stdv = a.standardize ? __ldg(a.stats + 1) : 1.0f;
+  const float mean = f.standardize ? __ldg(a.stats) : 0.0f;
+  const float stdv = f.standardize ? __ldg(a.stats + 1) : 1.0f;
 
   auto elem = [&](float x, float e) {
-    float xs = liq_input(x, e, s, a.mode);
-    if (a.standardize) xs = (xs - mean) / stdv;
-    const float yv = saq::liq_forward(xs, c, a.levels, a.is_signed);
-    return a.mode == kAfter ? saq::add_scaled(yv, s, e) : yv;
+    float xs = liq_input(x, e, s, f.mode);
+    if (f.standardize) xs = (xs - mean) / stdv;
+    const float yv = saq::liq_forward(xs, c, a.levels, f.is_signed);
+    return f.mode == kAfter ? saq::add_scaled(yv, s, e) : yv;
   };
 
   const bool vec = detail::aligned16(x) && detail::aligned16(y) &&
-                   (a.mode == kNoPerturb || detail::aligned16(e));
+                   (f.mode == kNoPerturb || detail::aligned16(e));
   const int64_t nvec = vec ? a.n / N : 0;
   for (int64_t v = tid; v < nvec; v += stride) {
     const int64_t i0 = v * N;
     float xv[N], ev[N], out[N];
     detail::load_vec<T, N>(x + i0, xv);
-    load_perturbation<TE, N>(e, i0, a.mode, ev);
+    load_perturbation<TE, N>(e, i0, f.mode, ev);
 #pragma unroll
     for (int k = 0; k < N; ++k) out[k] = elem(xv[k], ev[k]);
     detail::store_vec<T, N>(y + i0, out);
   }
   for (int64_t i = nvec * N + tid; i < a.n; i += stride) {
-    const float ev = a.mode != kNoPerturb ? to_f(e[i]) : 0.0f;
+    const float ev = f.mode != kNoPerturb ? to_f(e[i]) : 0.0f;
     y[i] = detail::from_f<T>(elem(to_f(x[i]), ev));
   }
 }
@@ -149,7 +166,7 @@ __global__ void __launch_bounds__(kThreads, detail::kMinBlocks)
 // backward: dx, and partials[b] = block b's sum of the clip-gradient terms (fp64). mode is
 // kNoPerturb or kBefore.
 // ---------------------------------------------------------------------------------------------
-template <typename T, typename TE>
+template <typename T, typename TE, bool kPlain>
 __global__ void __launch_bounds__(kThreads, detail::kMinBlocks)
     liq_bwd_kernel(const T* __restrict__ g, const T* __restrict__ x, const TE* __restrict__ e,
                    T* __restrict__ dx, const LiqKernelArgs a, double* __restrict__ partials) {
@@ -157,30 +174,31 @@ __global__ void __launch_bounds__(kThreads, detail::kMinBlocks)
   __shared__ double smem[32];
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const float s = a.mode == kBefore ? __ldg(a.s) : 0.0f;
+  const Flags f = flags<kPlain>(a);
+  const float s = f.mode == kBefore ? __ldg(a.s) : 0.0f;
   const float c = fabsf(__ldg(a.clip));
-  const float mean = a.standardize ? __ldg(a.stats) : 0.0f;
-  const float stdv = a.standardize ? __ldg(a.stats + 1) : 1.0f;
+  const float mean = f.standardize ? __ldg(a.stats) : 0.0f;
+  const float stdv = f.standardize ? __ldg(a.stats + 1) : 1.0f;
 
   auto elem = [&](float x, float e, float gv, float& acc) {
-    float xs = liq_input(x, e, s, a.mode);
-    if (a.standardize) xs = (xs - mean) / stdv;
+    float xs = liq_input(x, e, s, f.mode);
+    if (f.standardize) xs = (xs - mean) / stdv;
     float d, dc;
-    saq::liq_backward(xs, gv, c, a.levels, a.is_signed, &d, &dc, a.relu);
+    saq::liq_backward(xs, gv, c, a.levels, f.is_signed, &d, &dc, a.relu);
     acc += dc;
-    return a.standardize ? d / stdv : d;  // statistics are constants of the backward
+    return f.standardize ? d / stdv : d;  // statistics are constants of the backward
   };
 
   double acc = 0.0;
   const bool vec = detail::aligned16(g) && detail::aligned16(x) && detail::aligned16(dx) &&
-                   (a.mode == kNoPerturb || detail::aligned16(e));
+                   (f.mode == kNoPerturb || detail::aligned16(e));
   const int64_t nvec = vec ? a.n / N : 0;
   for (int64_t v = tid; v < nvec; v += stride) {
     const int64_t i0 = v * N;
     float gv[N], xv[N], ev[N], out[N];
     detail::load_vec<T, N>(g + i0, gv);
     detail::load_vec<T, N>(x + i0, xv);
-    load_perturbation<TE, N>(e, i0, a.mode, ev);
+    load_perturbation<TE, N>(e, i0, f.mode, ev);
     float acc_v = 0.0f;  // N terms in fp32, one fp64 add per vector
 #pragma unroll
     for (int k = 0; k < N; ++k) out[k] = elem(xv[k], ev[k], gv[k], acc_v);
@@ -188,7 +206,7 @@ __global__ void __launch_bounds__(kThreads, detail::kMinBlocks)
     acc += acc_v;
   }
   for (int64_t i = nvec * N + tid; i < a.n; i += stride) {
-    const float ev = a.mode == kBefore ? to_f(e[i]) : 0.0f;
+    const float ev = f.mode == kBefore ? to_f(e[i]) : 0.0f;
     float acc_v = 0.0f;
     dx[i] = detail::from_f<T>(elem(to_f(x[i]), ev, to_f(g[i]), acc_v));
     acc += acc_v;
@@ -250,6 +268,11 @@ LiqKernelArgs kernel_args(const LiqArgs& a, const Workspace& w, bool backward) {
   return k;
 }
 
+// The activation quantizer's case, served by the kPlain kernels.
+bool is_plain(const LiqKernelArgs& k) {
+  return !k.is_signed && !k.standardize && k.mode == kNoPerturb;
+}
+
 template <typename T, typename TE>
 cudaError_t launch_stats(const LiqArgs& a, const LiqKernelArgs& k, const Workspace& w, int grid,
                          cudaStream_t stream) {
@@ -280,8 +303,13 @@ cudaError_t liq_quantize_fwd(const LiqArgs& a, void* y, void* workspace, cudaStr
       const cudaError_t err = launch_stats<T, TE>(a, k, w, grid, stream);
       if (err != cudaSuccess) return err;
     }
-    liq_fwd_kernel<T, TE><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(a.x), static_cast<const TE*>(a.perturbation), static_cast<T*>(y), k);
+    if (is_plain(k)) {
+      liq_fwd_kernel<T, T, true><<<grid, kThreads, 0, stream>>>(
+          static_cast<const T*>(a.x), nullptr, static_cast<T*>(y), k);
+    } else {
+      liq_fwd_kernel<T, TE, false><<<grid, kThreads, 0, stream>>>(
+          static_cast<const T*>(a.x), static_cast<const TE*>(a.perturbation), static_cast<T*>(y), k);
+    }
     return cudaGetLastError();
   });
 }
@@ -301,9 +329,15 @@ cudaError_t liq_quantize_bwd(const LiqArgs& a, const void* grad, void* dx, float
       const cudaError_t err = launch_stats<T, TE>(a, k, w, grid, stream);
       if (err != cudaSuccess) return err;
     }
-    liq_bwd_kernel<T, TE><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(grad), static_cast<const T*>(a.x), static_cast<const TE*>(e_ptr),
-        static_cast<T*>(dx), k, w.bwd_partials);
+    if (is_plain(k)) {
+      liq_bwd_kernel<T, T, true><<<grid, kThreads, 0, stream>>>(
+          static_cast<const T*>(grad), static_cast<const T*>(a.x), nullptr, static_cast<T*>(dx),
+          k, w.bwd_partials);
+    } else {
+      liq_bwd_kernel<T, TE, false><<<grid, kThreads, 0, stream>>>(
+          static_cast<const T*>(grad), static_cast<const T*>(a.x), static_cast<const TE*>(e_ptr),
+          static_cast<T*>(dx), k, w.bwd_partials);
+    }
     liq_bwd_finish<<<1, kThreads, 0, stream>>>(w.bwd_partials, grid, a.clip, dclip);
     return cudaGetLastError();
   });

@@ -19,6 +19,8 @@ Numerics follow saq_kernels/reference.py op for op: ``r = x / c`` (correctly rou
 ``tl.div_rn``), clamp, ``round_half_even``, ``k * fp32(1/n)``: the reference pins the level
 mapping to the reciprocal form on every device (it is what ATen computes for the SAQ reference
 code's ``round(v * n) / n`` on CUDA), so outputs are bitwise equal to the reference everywhere.
+The clip gradient's per-element term takes ``y / c`` as the level ``y`` is ``c`` times (one
+division less per element; the sum is tolerance-tested against float64 like every reduction).
 The statistics are summed in a different order from ``torch.mean`` / ``torch.std``, so a value
 lying within an ulp of a rounding boundary can land one level apart (tested: rare, one level).
 """
@@ -62,7 +64,8 @@ def _load_input(x_ptr, e_ptr, s_ptr, offs, mask, HAS_E: tl.constexpr, BEFORE: tl
 
 @triton.jit
 def _liq_math(xs, c, n_levels, inv_n, SIGNED: tl.constexpr):
-    """(y, r) of the LIQ quantizer for standardized fp32 input xs and clip magnitude c."""
+    """(level, r) of the LIQ quantizer for standardized fp32 input xs and clip magnitude c:
+    r = xs / c, and the output in units of c (y = level * c)."""
     r = tl.div_rn(xs, c)
     if SIGNED:
         v = (clamp_keep_nan(r, -1.0, 1.0) + 1.0) * 0.5  # == / 2.0 (exact either way)
@@ -71,10 +74,8 @@ def _liq_math(xs, c, n_levels, inv_n, SIGNED: tl.constexpr):
     k = round_half_even(v * n_levels)
     u = k * inv_n
     if SIGNED:
-        y = (u * 2.0 - 1.0) * c
-    else:
-        y = u * c
-    return y, r
+        u = u * 2.0 - 1.0
+    return u, r
 
 
 @triton.jit
@@ -130,7 +131,8 @@ def _liq_quantize_fwd_block(
     if STANDARDIZE:
         xf = tl.div_rn(xf - tl.load(stats_ptr), splat(xf, tl.load(stats_ptr + 1)))
     c = tl.abs(tl.load(clip_ptr).to(tl.float32))
-    y, r = _liq_math(xf, c, n_levels, inv_n, SIGNED)
+    level, r = _liq_math(xf, c, n_levels, inv_n, SIGNED)
+    y = level * c
     if HAS_E:
         if not BEFORE:
             y = y + se
@@ -170,7 +172,7 @@ def _liq_quantize_bwd_block(
         std = splat(xf, tl.load(stats_ptr + 1))
         xf = tl.div_rn(xf - tl.load(stats_ptr), std)
     c = tl.abs(tl.load(clip_ptr).to(tl.float32))
-    y, r = _liq_math(xf, c, n_levels, inv_n, SIGNED)
+    level, r = _liq_math(xf, c, n_levels, inv_n, SIGNED)
     if SIGNED:
         inside = (r >= -1.0) & (r <= 1.0)
     elif RELU:  # absorbed ReLU: open lower end, relu'(x) = (x > 0)
@@ -181,7 +183,8 @@ def _liq_quantize_bwd_block(
     if STANDARDIZE:
         dx = tl.div_rn(dx, std)
     tl.store(dx_ptr + offs, to_dtype(dx, dx_ptr.dtype.element_ty), mask=mask)
-    local = tl.div_rn(y, splat(xf, c)) - tl.where(inside, r, 0.0)
+    # y / c taken as the level itself: one division less per element (csrc/common/saq_math.h)
+    local = level - tl.where(inside, r, 0.0)
     return masked_sum(g * local, mask)
 
 
