@@ -125,6 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--amp", choices=("none", "bf16", "fp16"), help="[the checkpoint's]")
     e.add_argument("--json", action="store_true", help="print the result as one JSON line")
 
+    s = sub.add_parser("analyze", help="sharpness of a checkpoint, optionally its loss along a random direction",
+                       description="The SAM sharpness L(Q(w) + e) - L(Q(w)) of a checkpoint at radius rho "
+                                   "(e: the ascent of saq.SAQ, evaluated without a step) on fixed batches, "
+                                   "in eval mode; with --landscape N, the loss at Q(w) + alpha * d along a "
+                                   "random filter-normalized direction d, alpha in [-span, span].")
+    s.add_argument("--checkpoint", required=True, metavar="PATH")
+    s.add_argument("--rho", type=float, help="radius [the run's rho; compare checkpoints at one rho]")
+    s.add_argument("--case", type=int, choices=(1, 2, 3), default=3, help="SAQ case of the perturbation [3]")
+    s.add_argument("--adaptive", action="store_true", help="ASAM-style adaptive perturbation")
+    s.add_argument("--split", choices=("train", "test"), default="train",
+                   help="data, without augmentation [train: the epoch-0 order of the run's seed]")
+    s.add_argument("--batches", type=int, default=8, metavar="N", help="batches analysed [8]")
+    s.add_argument("--batch-size", type=int, metavar="N", help="[the checkpoint's]")
+    s.add_argument("--landscape", type=int, default=0, metavar="N",
+                   help="points of the 1-D loss curve (0: none) [0]")
+    s.add_argument("--span", type=float, default=1.0, help="alpha range of the curve [1.0]")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random direction [0]")
+    s.add_argument("--plot", metavar="FILE.png", help="draw the curve there")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
+    s.add_argument("--workers", type=int, default=0, metavar="N")
+    s.add_argument("--amp", choices=("none", "bf16"), default="none", help="autocast [none: fp32]")
+    s.add_argument("--json", action="store_true", help="print the result as one JSON line")
+
     sub.add_parser("presets", help="list the training presets")
     return p
 
@@ -147,6 +170,28 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{args.checkpoint} ({r['model']}, epoch {r['epoch']}, step "
                   f"{r['global_step']}) on {r['dataset']} test ({r['samples']} images): "
                   f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['test_loss']:.4f}")
+        return 0
+    if args.command == "analyze":
+        from saq.analysis import analyze_checkpoint
+
+        r = analyze_checkpoint(args.checkpoint, rho=args.rho, case=args.case, adaptive=args.adaptive,
+                               split=args.split, batches=args.batches, batch_size=args.batch_size,
+                               landscape=args.landscape, span=args.span, seed=args.seed,
+                               plot=args.plot, device=args.device, workers=args.workers, amp=args.amp)
+        if args.json:
+            print(json.dumps(r))
+            return 0
+        print(f"{args.checkpoint} ({r['model']} w{r['wbits']}a{r['abits']} {r['method']}, epoch "
+              f"{r['epoch']}) on {r['dataset']} {r['split']} ({r['batches']} batches, {r['samples']} "
+              f"images), case {r['case']}{' adaptive' if r['adaptive'] else ''}, rho {r['rho']:g}: "
+              f"loss {r['loss']:.4f}  perturbed {r['perturbed_loss']:.4f}  sharpness {r['sharpness']:.4f}")
+        if r["nonfinite_batches"]:
+            print(f"  {r['nonfinite_batches']} batch(es) had non-finite gradients (no perturbation)")
+        if "landscape" in r:
+            pts = "  ".join(f"{a:+.2f}: {l:.4f}" for a, l in zip(r["landscape"]["alpha"], r["landscape"]["loss"]))
+            print(f"  loss along a random filter-normalized direction (seed {args.seed}): {pts}")
+            if "plot" in r:
+                print(f"  plot: {r['plot']}")
         return 0
     from saq.train.loop import build_config, train
 

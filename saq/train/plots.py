@@ -6,7 +6,7 @@ need no display, never change the process-wide matplotlib backend and leak no op
 import os
 from typing import Any, Dict, List, Sequence
 
-__all__ = ["plot_curves"]
+__all__ = ["plot_curves", "plot_landscape"]
 
 
 def _save(fig, path: str) -> None:
@@ -45,3 +45,25 @@ def plot_curves(rows: List[Dict[str, Any]], out_dir: str, title: str = "") -> Se
         _save(fig, path)
         paths.append(path)
     return paths
+
+
+def plot_landscape(alphas: Sequence[float], losses: Sequence[float], path: str,
+                   title: str = "") -> str:
+    """Write the loss along a random filter-normalized direction (``saq analyze --landscape``)
+    to ``path`` (PNG); returns it."""
+    from matplotlib.figure import Figure
+
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(list(alphas), list(losses), marker="o" if len(alphas) < 30 else None, markersize=3)
+    ax.axvline(0.0, color="0.7", linewidth=0.8)
+    ax.set_xlabel("alpha (Q(w) + alpha * d, d filter-normalized)")
+    ax.set_ylabel("loss")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    return path
