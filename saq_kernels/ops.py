@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils import _python_dispatch
 
 from . import validate as _validate
@@ -67,9 +68,9 @@ def _native_autograd(op: str, x: Tensor):
     0.2 ms less per quantizer call, forward plus backward; bit-identical results). It is taken in
     plain eager mode when the selected backend is a native one ("cpp" / "cuda"); its backward then
     runs on that backend too, whereas the custom op picks the backward's backend when it runs.
-    None for an extension built before these ops existed (the custom op still works), and under
-    torch.inference_mode(), whose calls skip the Autograd dispatch key that the C++ op is
-    registered for (the custom op serves them)."""
+    None for an extension built before these ops existed, and under torch.inference_mode(),
+    whose calls skip the Autograd dispatch key that the C++ op is registered for: the eager
+    autograd.Function (below) serves those, calling the same kernels."""
     if not _plain_eager(x) or torch.is_inference_mode_enabled():
         return None
     if getattr(_impl(op, x), "namespace", None) != "saq_C":
@@ -156,10 +157,10 @@ def _perturbation_grad(ctx, index: int, grad: Tensor, dx: Tensor, e, s, before: 
     return ((dx if before else grad) * s).to(e.dtype)
 
 
-def _fq_backward(ctx, grad):
+def _fq_grads(ctx, grad, backward_op):
     x, scale, zero_point, e, s = ctx.saved_tensors
     qmin, qmax, axis, grad_factor, before, relu = ctx.args
-    dx, dscale, dzp = _fake_quantize_backward(
+    dx, dscale, dzp = backward_op(
         grad, x, scale, zero_point, qmin, qmax, axis, grad_factor, e, s, before, relu
     )
     de = _perturbation_grad(ctx, 7, grad, dx, e, s, before)
@@ -167,7 +168,37 @@ def _fq_backward(ctx, grad):
             None, None)
 
 
+def _fq_backward(ctx, grad):
+    return _fq_grads(ctx, grad, _fake_quantize_backward)
+
+
 _fake_quantize.register_autograd(_fq_backward, setup_context=_fq_setup)
+
+
+def _backend_call(op: str):
+    """``op`` on the backend selected when the call happens (the first argument after ``grad``
+    decides the device and dtype), as the custom op's body does."""
+    return lambda grad, x, *rest: _impl(op, x)(grad, x, *rest)
+
+
+class _EagerFakeQuantize(torch.autograd.Function):
+    """The custom op's forward and autograd formula without the custom-op layer, for plain eager
+    calls on the Python backends (triton, reference): the same backend functions, chosen at the
+    same moments, so the same numbers; about 0.1 ms less per call (forward plus backward) on the
+    project's CPU. Also what serves native backends where their C++ autograd op cannot (an
+    extension that predates it, torch.inference_mode())."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_factor, e, s, before, relu):
+        inputs = (x, scale, zero_point, qmin, qmax, axis, grad_factor, e, s, before, relu)
+        y = _impl("fake_quantize", x)(*inputs)
+        _fq_setup(ctx, inputs, y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        return _fq_grads(ctx, grad, _backend_call("fake_quantize_backward"))
 
 
 def fake_quantize(
@@ -219,6 +250,8 @@ def fake_quantize(
             perturbation, perturb_scale, bool(perturb_before), bool(relu))
     if native is not None:
         return native(*args, _validate.CHECK_VALUES)
+    if _plain_eager(x):
+        return _EagerFakeQuantize.apply(*args)
     return _fake_quantize(*args)
 
 
@@ -281,15 +314,35 @@ def _liq_setup(ctx, inputs, output):
     ctx.args = (bits, signed, standardize, before, relu)
 
 
-def _liq_backward(ctx, grad):
+def _liq_grads(ctx, grad, backward_op):
     x, clip, e, s = ctx.saved_tensors
     bits, signed, standardize, before, relu = ctx.args
-    dx, dclip = _liq_quantize_backward(grad, x, clip, bits, signed, standardize, e, s, before, relu)
+    dx, dclip = backward_op(grad, x, clip, bits, signed, standardize, e, s, before, relu)
     de = _perturbation_grad(ctx, 5, grad, dx, e, s, before)
     return dx, dclip.to(clip.dtype), None, None, None, de, None, None, None
 
 
+def _liq_backward(ctx, grad):
+    return _liq_grads(ctx, grad, _liq_quantize_backward)
+
+
 _liq_quantize.register_autograd(_liq_backward, setup_context=_liq_setup)
+
+
+class _EagerLiqQuantize(torch.autograd.Function):
+    """liq_quantize's counterpart of :class:`_EagerFakeQuantize`."""
+
+    @staticmethod
+    def forward(ctx, x, clip, bits, signed, standardize, e, s, before, relu):
+        inputs = (x, clip, bits, signed, standardize, e, s, before, relu)
+        y = _impl("liq_quantize", x)(x, clip, bits, signed, standardize, e, s, before)
+        _liq_setup(ctx, inputs, y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        return _liq_grads(ctx, grad, _backend_call("liq_quantize_backward"))
 
 
 def liq_quantize(
@@ -344,6 +397,8 @@ def liq_quantize(
             perturbation, perturb_scale, bool(perturb_before), bool(relu))
     if native is not None:
         return native(*args, _validate.CHECK_VALUES)
+    if _plain_eager(x):
+        return _EagerLiqQuantize.apply(*args)
     return _liq_quantize(*args)
 
 

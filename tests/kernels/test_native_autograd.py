@@ -12,7 +12,8 @@ custom ops and call one C++ op that runs the same kernels. Contract checked here
   requires_grad;
 * the value check (scale / clip finite and > 0) raises the wrapper's message, and
   ``saq_kernels.validate.CHECK_VALUES = False`` turns it off;
-* an extension built before these ops existed falls back to the custom op.
+* an extension built before these ops existed falls back to the Python path (the custom op's
+  formula in an eager autograd.Function, tests/kernels/test_eager_autograd.py).
 """
 from __future__ import annotations
 
@@ -166,7 +167,7 @@ def test_no_grad_and_frozen_inputs(device):
 
 def test_inference_mode(device):
     # under torch.inference_mode() the Autograd key is skipped, where the C++ op lives: the call
-    # goes to the custom op instead, with the same kernels and the same values as under no_grad
+    # goes to the Python path instead, with the same kernels and the same values as under no_grad
     x = _rand((6, 10), torch.float32, device, 5)
     clip = torch.tensor([1.0], device=device)
     scale, zp = torch.full((10,), 0.05, device=device), torch.zeros(10, device=device)
@@ -252,11 +253,13 @@ def test_activation_checkpointing(device):
 # ----------------------------------------------------------------------------------------------
 # when the fast path is (not) taken
 # ----------------------------------------------------------------------------------------------
-def test_reference_backend_keeps_the_custom_op(device):
+def test_reference_backend_takes_the_python_path(device):
+    # (its own eager autograd.Function: tests/kernels/test_eager_autograd.py)
     x = _rand((5, 6), torch.float32, device, 8).requires_grad_()
     with sk.use_backend("reference"):
         y = sk.liq_quantize(x, torch.tensor([1.0], device=device), 4, True, False)
     assert y.grad_fn is not None and not _is_native(y.grad_fn)
+    assert y.grad_fn.name().startswith("_EagerLiqQuantize")
 
 
 def test_fake_tensors_keep_the_custom_op(device):
@@ -269,7 +272,7 @@ def test_fake_tensors_keep_the_custom_op(device):
     assert fy.shape == (5, 6) and not _is_native(fy.grad_fn)
 
 
-def test_stale_extension_falls_back_to_the_custom_op(device, monkeypatch):
+def test_stale_extension_falls_back_to_the_python_path(device, monkeypatch):
     monkeypatch.setitem(ops._NATIVE_AUTOGRAD, "liq_quantize", None)
     x = _rand((5, 6), torch.float32, device, 10).requires_grad_()
     y = sk.liq_quantize(x, torch.tensor([1.0], device=device), 4, True, False)

@@ -1,0 +1,238 @@
+"""The eager autograd path of the two quantizers on the Python backends (reference, triton).
+
+In plain eager mode ``saq_kernels.fake_quantize`` / ``liq_quantize`` on a non-native backend
+call the backend through a ``torch.autograd.Function`` (saq_kernels/ops.py, ``_EagerFakeQuantize``,
+``_EagerLiqQuantize``) instead of the ``saq`` custom op, whose dispatch layers cost about 0.1-0.2
+ms per forward+backward. Contract checked here, against ``torch.ops.saq.<op>`` on the same backend:
+
+* outputs and every gradient bitwise equal (fp32 / fp16 / bf16, non-contiguous, per tensor and
+  per channel, every perturbation mode including SAQ's probe, relu folding);
+* the backends are selected at the same moments (the forward's when it runs, the backward's when
+  the backward runs, inside or outside a ``use_backend`` block);
+* double backward raises; saved-tensor hooks (checkpointing), in-place checks and
+  ``torch.inference_mode`` work; fake tensors and dispatch modes keep the custom op.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import saq_kernels as sk
+import saq_kernels.ops as ops
+
+BACKEND_OP = "fake_quantize_backward"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+PERTURB = ["none", "after", "before", "probe"]
+
+
+def _params():
+    # the Python backends; cpp / cuda take the native autograd op (test_native_autograd.py). On
+    # a GPU, triton only: the reference's path is the same Python as on the CPU.
+    out = [pytest.param((n, "cpu"), id=f"{n}-cpu") for n in ("reference", "triton")]
+    out.append(pytest.param(("triton", "cuda"), id="triton-cuda", marks=[pytest.mark.gpu]))
+    return out
+
+
+@pytest.fixture(params=_params())
+def backend(request):
+    name, device = request.param
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    reason = sk.get_backend(name).supports(BACKEND_OP, device, torch.float32)
+    if reason is not None:
+        pytest.skip(f"{name} backend unavailable on {device}: {reason}")
+    with sk.use_backend(name):
+        yield name, device
+
+
+def _rand(shape, dtype, device, seed, noncontig=False, scale=2.0):
+    gen = torch.Generator().manual_seed(seed)
+    if noncontig:
+        t = (torch.randn(tuple(reversed(shape)), generator=gen) * scale).permute(
+            *reversed(range(len(shape))))
+    else:
+        t = torch.randn(shape, generator=gen) * scale
+    return t.to(dtype=dtype, device=device)
+
+
+def _perturbation(kind, x, seed=7):
+    if kind == "none":
+        return None, None, False
+    if kind == "probe":
+        return torch.zeros_like(x).requires_grad_(), torch.ones((), device=x.device), False
+    e = _rand(tuple(x.shape), x.dtype, x.device, seed, scale=0.5).requires_grad_()
+    return e, torch.tensor(0.05, device=x.device), kind == "before"
+
+
+def _bits(t):
+    ity = {4: torch.int32, 2: torch.int16, 8: torch.int64}[t.element_size()]
+    return t.detach().contiguous().view(ity)
+
+
+def _assert_bitwise(a, b, what):
+    assert (a is None) == (b is None), what
+    if a is not None:
+        assert a.dtype == b.dtype and a.shape == b.shape, what
+        assert torch.equal(_bits(a), _bits(b)), f"{what}: not bitwise equal"
+
+
+def _run(fn, leaves, grad_seed=11):
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None
+              for t in leaves]
+    y = fn(*leaves)
+    g = _rand(tuple(y.shape), y.dtype, y.device, grad_seed, scale=1.0)
+    wants = [t for t in leaves if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(y, wants, g))
+    return y, y.grad_fn, [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+
+
+def _eager(grad_fn) -> bool:
+    return grad_fn is not None and grad_fn.name().startswith("_Eager")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("perturb", PERTURB)
+@pytest.mark.parametrize("axis", [None, 1])
+@pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
+def test_fake_quantize_matches_the_custom_op(backend, dtype, perturb, axis, noncontig):
+    _, device = backend
+    x = _rand((13, 37), dtype, device, 1, noncontig).requires_grad_()
+    n = 1 if axis is None else x.shape[axis]
+    scale = (torch.rand(n, generator=torch.Generator().manual_seed(2)) * 0.3 + 0.05).to(device)
+    zp = (torch.randn(n, generator=torch.Generator().manual_seed(3)) * 2).to(device)
+    scale.requires_grad_(), zp.requires_grad_()
+    e, s, before = _perturbation(perturb, x)
+    relu = perturb == "none"
+    args = (-8, 7, axis, 0.3)
+
+    def public(x, scale, zp, e, s):
+        return sk.fake_quantize(x, scale, zp, *args, e, s, before, relu)
+
+    def custom(x, scale, zp, e, s):
+        return torch.ops.saq.fake_quantize(x, scale, zp, *args, e, s, before, relu)
+
+    y1, fn1, g1 = _run(public, [x, scale, zp, e, s])
+    y2, fn2, g2 = _run(custom, [x, scale, zp, e, s])
+    assert _eager(fn1) and not _eager(fn2), (fn1, fn2)
+    _assert_bitwise(y1, y2, "y")
+    for name, a, b in zip(("dx", "dscale", "dzero_point", "de", "ds"), g1, g2):
+        _assert_bitwise(a, b, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("perturb", PERTURB)
+@pytest.mark.parametrize("signed,standardize", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
+def test_liq_quantize_matches_the_custom_op(backend, dtype, perturb, signed, standardize, noncontig):
+    _, device = backend
+    x = _rand((9, 4, 3, 5), dtype, device, 4, noncontig).requires_grad_()
+    clip = torch.tensor([-1.3 if signed else 1.7], device=device, requires_grad=True)
+    e, s, before = _perturbation(perturb, x)
+    relu = perturb == "none" and not signed
+
+    def public(x, clip, e, s):
+        return sk.liq_quantize(x, clip, 3, signed, standardize, e, s, before, relu)
+
+    def custom(x, clip, e, s):
+        return torch.ops.saq.liq_quantize(x, clip, 3, signed, standardize, e, s, before, relu)
+
+    y1, fn1, g1 = _run(public, [x, clip, e, s])
+    y2, fn2, g2 = _run(custom, [x, clip, e, s])
+    assert _eager(fn1) and not _eager(fn2), (fn1, fn2)
+    _assert_bitwise(y1, y2, "y")
+    for name, a, b in zip(("dx", "dclip", "de", "ds"), g1, g2):
+        _assert_bitwise(a, b, name)
+
+
+def test_backends_are_chosen_when_each_pass_runs(backend, monkeypatch):
+    """Forward inside a use_backend block, backward after it closed: both paths ask the registry
+    for the same ops at the same moments, and get the same backends."""
+    name, device = backend
+    seen = []
+    real = ops._impl
+
+    def spy(op, t):
+        impl = real(op, t)
+        seen.append((op, impl))
+        return impl
+
+    monkeypatch.setattr(ops, "_impl", spy)
+    x = _rand((6, 10), torch.float32, device, 5).requires_grad_()
+    clip = torch.tensor([1.1], device=device, requires_grad=True)
+    calls = []
+    for fn in (lambda: sk.liq_quantize(x, clip, 4, True, True),
+               lambda: torch.ops.saq.liq_quantize(x, clip, 4, True, True, None, None, False, False)):
+        seen.clear()
+        with sk.use_backend("reference"):
+            y = fn()
+        y.sum().backward()  # outside the block: the default order picks the backward's backend
+        calls.append(list(seen))
+    # (the public wrapper also asks for the forward once more, to see whether a native op serves it)
+    assert dict(calls[0]) == dict(calls[1])
+    assert list(dict(calls[1])) == ["liq_quantize", "liq_quantize_backward"]
+    fwd, bwd = dict(calls[1]).values()
+    assert fwd is sk.get_backend("reference").table()["liq_quantize"]
+    assert bwd is ops.select("liq_quantize_backward", device, torch.float32)
+
+
+def test_double_backward_raises(backend):
+    _, device = backend
+    x = _rand((6, 7), torch.float32, device, 13).requires_grad_()
+    clip = torch.tensor([1.0], device=device, requires_grad=True)
+    y = sk.liq_quantize(x, clip, 4, False)
+    assert _eager(y.grad_fn)
+    (gx,) = torch.autograd.grad(y.square().sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+
+
+def test_checkpointing_inplace_check_and_inference_mode(backend):
+    from torch.utils.checkpoint import checkpoint
+
+    _, device = backend
+    x = _rand((16, 9), torch.float32, device, 14).requires_grad_()
+    clip = torch.tensor([0.8], device=device, requires_grad=True)
+
+    def block(t):
+        return sk.liq_quantize(torch.relu(t * 1.5), clip, 3, False).sin()
+
+    plain = torch.autograd.grad(block(x).sum(), [x, clip])
+    ckpt = torch.autograd.grad(checkpoint(block, x, use_reentrant=False).sum(), [x, clip])
+    for a, b in zip(plain, ckpt):
+        assert torch.equal(a, b)
+    w = x * 1.0
+    y = sk.liq_quantize(w, clip, 4, True, True)
+    w.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    with torch.no_grad():
+        want = sk.fake_quantize(x, clip, torch.zeros(1, device=device), 0, 7)
+    with torch.inference_mode():
+        got = sk.fake_quantize(x, clip, torch.zeros(1, device=device), 0, 7)
+    _assert_bitwise(got, want, "inference_mode")
+
+
+def test_fake_tensors_and_dispatch_modes_keep_the_custom_op(backend):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    _, device = backend
+    clip = torch.tensor([1.0], device=device, requires_grad=True)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fx = mode.from_tensor(_rand((5, 6), torch.float32, device, 9)).requires_grad_()
+        fy = sk.liq_quantize(fx, clip, 4, True, False)
+    assert fy.shape == (5, 6) and not _eager(fy.grad_fn)
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = _rand((5, 6), torch.float32, device, 9).requires_grad_()
+    with Record() as rec:
+        y = sk.liq_quantize(x, clip, 4, True, False)
+    assert "saq.liq_quantize.default" in rec.ops and not _eager(y.grad_fn)
