@@ -16,9 +16,11 @@ running statistics, which the analysis never moves; no dropout):
     clips and BatchNorm left as they are. Without quantized layers, ``w + alpha * d`` over the
     conv / linear weights.
 
-Both leave the model as they found it: parameter and buffer values (bit for bit), ``.grad``
-references, train/eval mode, and the quantized layers' SAQ state (so a ``saq.SAQ`` training the
-same model between steps is unaffected). Call them between training steps, not inside one.
+Both leave the model as they found it, also when interrupted: parameter and buffer values (bit
+for bit, from a copy taken first), ``.grad`` references, every module's train/eval mode, and the
+quantized layers' SAQ state and first-batch-init flags (so a ``saq.SAQ`` training the same model
+between steps is unaffected, and quantizers that have not seen a batch are initialized from the
+first analysis batch for the measurement only). Call them between training steps, not inside one.
 """
 from __future__ import annotations
 
@@ -57,12 +59,17 @@ def _device_of(model: nn.Module, device: Optional[torch.device]) -> torch.device
 
 @contextlib.contextmanager
 def _untouched(model: nn.Module):
-    """Eval mode inside; afterwards the mode, every .grad and the layers' SAQ state as before."""
-    was = model.training
+    """Eval mode inside; afterwards, also after an exception, the model as it was: every
+    parameter and buffer value (a copy is taken: the ascent perturbs parameters in place, and a
+    model whose quantizers have not seen a batch yet initializes them from the first analysis
+    batch), each module's train/eval mode, every .grad, and the quantized layers' SAQ state and
+    first-batch-init flags."""
     params = list(model.parameters())
     grads = [p.grad for p in params]
+    values = [(t, t.detach().clone()) for t in itertools.chain(params, model.buffers())]
+    modes = [(m, m.training) for m in model.modules()]
     layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
-    saq_state = [tuple(getattr(m, f) for f in _SAQ_FIELDS) for m in layers]
+    saq_state = [tuple(getattr(m, f) for f in _SAQ_FIELDS) + (m.quant_initialized,) for m in layers]
     probes = [(m._saq_probe, None if m._saq_probe is None else m._saq_probe.grad) for m in layers]
     for p in params:
         p.grad = None
@@ -70,12 +77,17 @@ def _untouched(model: nn.Module):
     try:
         yield
     finally:
-        model.train(was)
+        with torch.no_grad():
+            for t, v in values:
+                t.copy_(v)
+        for m, training in modes:
+            m.training = training
         for p, g in zip(params, grads):
             p.grad = g
         for m, st, (probe, pg) in zip(layers, saq_state, probes):
             for f, v in zip(_SAQ_FIELDS, st):
                 setattr(m, f, v)
+            m.quant_initialized = st[-1]
             m._saq_probe = probe
             if probe is not None:
                 probe.grad = pg
@@ -239,6 +251,23 @@ def loss_landscape(
     return {"alpha": alphas, "loss": losses, "seed": int(seed), "samples": n}
 
 
+def _check_plot_path(plot: str, landscape: int, error) -> None:
+    """Before any work: --plot needs a curve, a file name (not a folder) and a writable folder."""
+    import os
+
+    if not landscape:
+        raise error("--plot draws the --landscape curve; add --landscape N (e.g. 21) or drop --plot")
+    if os.path.isdir(plot):
+        raise error(f"--plot {plot} is a folder; give a file name, e.g. {os.path.join(plot, 'landscape.png')}")
+    folder = os.path.dirname(os.path.abspath(plot))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise error(f"--plot {plot}: cannot create its folder ({exc.strerror or exc})") from None
+    if not os.access(folder, os.W_OK):
+        raise error(f"--plot {plot}: the folder {folder} is not writable")
+
+
 def analyze_checkpoint(
     path: str,
     rho: Optional[float] = None,
@@ -286,6 +315,10 @@ def analyze_checkpoint(
         raise ConfigError(f"--case must be 1, 2 or 3, got {case}")
     if amp not in ("none", "bf16"):
         raise ConfigError(f"--amp must be none or bf16 for the analysis, got {amp!r}")
+    if workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {workers}")
+    if plot:
+        _check_plot_path(plot, landscape, ConfigError)
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     ck = ckpt_mod.load_checkpoint(path)

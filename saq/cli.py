@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     dg = DATASET_DEFAULTS["digits"]
     p = argparse.ArgumentParser(prog="saq", description="Sharpness-aware quantization-aware "
                                 "training (SAQ) for PyTorch.")
-    sub = p.add_subparsers(dest="command", metavar="{train,eval,presets}")
+    sub = p.add_subparsers(dest="command", metavar="{train,eval,analyze,presets}")
     sub.required = True
 
     t = sub.add_parser("train", help="train (or resume) a run",

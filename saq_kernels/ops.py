@@ -250,7 +250,7 @@ def fake_quantize(
             perturbation, perturb_scale, bool(perturb_before), bool(relu))
     if native is not None:
         return native(*args, _validate.CHECK_VALUES)
-    if _plain_eager(x):
+    if _plain_eager(x) and not torch.jit.is_tracing():  # a trace must record the op, not Python
         return _EagerFakeQuantize.apply(*args)
     return _fake_quantize(*args)
 
@@ -397,7 +397,7 @@ def liq_quantize(
             perturbation, perturb_scale, bool(perturb_before), bool(relu))
     if native is not None:
         return native(*args, _validate.CHECK_VALUES)
-    if _plain_eager(x):
+    if _plain_eager(x) and not torch.jit.is_tracing():
         return _EagerLiqQuantize.apply(*args)
     return _liq_quantize(*args)
 

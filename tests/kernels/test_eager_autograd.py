@@ -19,10 +19,11 @@ import torch
 
 import saq_kernels as sk
 import saq_kernels.ops as ops
+from autograd_parity import (PERTURB, assert_bitwise, assert_checkpointing_matches, perturbation,
+                             rand, run)
 
 BACKEND_OP = "fake_quantize_backward"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-PERTURB = ["none", "after", "before", "probe"]
 
 
 def _params():
@@ -45,47 +46,6 @@ def backend(request):
         yield name, device
 
 
-def _rand(shape, dtype, device, seed, noncontig=False, scale=2.0):
-    gen = torch.Generator().manual_seed(seed)
-    if noncontig:
-        t = (torch.randn(tuple(reversed(shape)), generator=gen) * scale).permute(
-            *reversed(range(len(shape))))
-    else:
-        t = torch.randn(shape, generator=gen) * scale
-    return t.to(dtype=dtype, device=device)
-
-
-def _perturbation(kind, x, seed=7):
-    if kind == "none":
-        return None, None, False
-    if kind == "probe":
-        return torch.zeros_like(x).requires_grad_(), torch.ones((), device=x.device), False
-    e = _rand(tuple(x.shape), x.dtype, x.device, seed, scale=0.5).requires_grad_()
-    return e, torch.tensor(0.05, device=x.device), kind == "before"
-
-
-def _bits(t):
-    ity = {4: torch.int32, 2: torch.int16, 8: torch.int64}[t.element_size()]
-    return t.detach().contiguous().view(ity)
-
-
-def _assert_bitwise(a, b, what):
-    assert (a is None) == (b is None), what
-    if a is not None:
-        assert a.dtype == b.dtype and a.shape == b.shape, what
-        assert torch.equal(_bits(a), _bits(b)), f"{what}: not bitwise equal"
-
-
-def _run(fn, leaves, grad_seed=11):
-    leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None
-              for t in leaves]
-    y = fn(*leaves)
-    g = _rand(tuple(y.shape), y.dtype, y.device, grad_seed, scale=1.0)
-    wants = [t for t in leaves if t is not None and t.requires_grad]
-    grads = iter(torch.autograd.grad(y, wants, g))
-    return y, y.grad_fn, [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-
-
 def _eager(grad_fn) -> bool:
     return grad_fn is not None and grad_fn.name().startswith("_Eager")
 
@@ -96,12 +56,12 @@ def _eager(grad_fn) -> bool:
 @pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
 def test_fake_quantize_matches_the_custom_op(backend, dtype, perturb, axis, noncontig):
     _, device = backend
-    x = _rand((13, 37), dtype, device, 1, noncontig).requires_grad_()
+    x = rand((13, 37), dtype, device, 1, noncontig).requires_grad_()
     n = 1 if axis is None else x.shape[axis]
     scale = (torch.rand(n, generator=torch.Generator().manual_seed(2)) * 0.3 + 0.05).to(device)
     zp = (torch.randn(n, generator=torch.Generator().manual_seed(3)) * 2).to(device)
     scale.requires_grad_(), zp.requires_grad_()
-    e, s, before = _perturbation(perturb, x)
+    e, s, before = perturbation(perturb, x)
     relu = perturb == "none"
     args = (-8, 7, axis, 0.3)
 
@@ -111,12 +71,12 @@ def test_fake_quantize_matches_the_custom_op(backend, dtype, perturb, axis, nonc
     def custom(x, scale, zp, e, s):
         return torch.ops.saq.fake_quantize(x, scale, zp, *args, e, s, before, relu)
 
-    y1, fn1, g1 = _run(public, [x, scale, zp, e, s])
-    y2, fn2, g2 = _run(custom, [x, scale, zp, e, s])
+    y1, fn1, g1 = run(public, [x, scale, zp, e, s])
+    y2, fn2, g2 = run(custom, [x, scale, zp, e, s])
     assert _eager(fn1) and not _eager(fn2), (fn1, fn2)
-    _assert_bitwise(y1, y2, "y")
+    assert_bitwise(y1, y2, "y")
     for name, a, b in zip(("dx", "dscale", "dzero_point", "de", "ds"), g1, g2):
-        _assert_bitwise(a, b, name)
+        assert_bitwise(a, b, name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -125,9 +85,9 @@ def test_fake_quantize_matches_the_custom_op(backend, dtype, perturb, axis, nonc
 @pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
 def test_liq_quantize_matches_the_custom_op(backend, dtype, perturb, signed, standardize, noncontig):
     _, device = backend
-    x = _rand((9, 4, 3, 5), dtype, device, 4, noncontig).requires_grad_()
+    x = rand((9, 4, 3, 5), dtype, device, 4, noncontig).requires_grad_()
     clip = torch.tensor([-1.3 if signed else 1.7], device=device, requires_grad=True)
-    e, s, before = _perturbation(perturb, x)
+    e, s, before = perturbation(perturb, x)
     relu = perturb == "none" and not signed
 
     def public(x, clip, e, s):
@@ -136,12 +96,12 @@ def test_liq_quantize_matches_the_custom_op(backend, dtype, perturb, signed, sta
     def custom(x, clip, e, s):
         return torch.ops.saq.liq_quantize(x, clip, 3, signed, standardize, e, s, before, relu)
 
-    y1, fn1, g1 = _run(public, [x, clip, e, s])
-    y2, fn2, g2 = _run(custom, [x, clip, e, s])
+    y1, fn1, g1 = run(public, [x, clip, e, s])
+    y2, fn2, g2 = run(custom, [x, clip, e, s])
     assert _eager(fn1) and not _eager(fn2), (fn1, fn2)
-    _assert_bitwise(y1, y2, "y")
+    assert_bitwise(y1, y2, "y")
     for name, a, b in zip(("dx", "dclip", "de", "ds"), g1, g2):
-        _assert_bitwise(a, b, name)
+        assert_bitwise(a, b, name)
 
 
 def test_backends_are_chosen_when_each_pass_runs(backend, monkeypatch):
@@ -157,7 +117,7 @@ def test_backends_are_chosen_when_each_pass_runs(backend, monkeypatch):
         return impl
 
     monkeypatch.setattr(ops, "_impl", spy)
-    x = _rand((6, 10), torch.float32, device, 5).requires_grad_()
+    x = rand((6, 10), torch.float32, device, 5).requires_grad_()
     clip = torch.tensor([1.1], device=device, requires_grad=True)
     calls = []
     for fn in (lambda: sk.liq_quantize(x, clip, 4, True, True),
@@ -177,7 +137,7 @@ def test_backends_are_chosen_when_each_pass_runs(backend, monkeypatch):
 
 def test_double_backward_raises(backend):
     _, device = backend
-    x = _rand((6, 7), torch.float32, device, 13).requires_grad_()
+    x = rand((6, 7), torch.float32, device, 13).requires_grad_()
     clip = torch.tensor([1.0], device=device, requires_grad=True)
     y = sk.liq_quantize(x, clip, 4, False)
     assert _eager(y.grad_fn)
@@ -187,19 +147,10 @@ def test_double_backward_raises(backend):
 
 
 def test_checkpointing_inplace_check_and_inference_mode(backend):
-    from torch.utils.checkpoint import checkpoint
-
     _, device = backend
-    x = _rand((16, 9), torch.float32, device, 14).requires_grad_()
+    assert_checkpointing_matches(device)
+    x = rand((16, 9), torch.float32, device, 14).requires_grad_()
     clip = torch.tensor([0.8], device=device, requires_grad=True)
-
-    def block(t):
-        return sk.liq_quantize(torch.relu(t * 1.5), clip, 3, False).sin()
-
-    plain = torch.autograd.grad(block(x).sum(), [x, clip])
-    ckpt = torch.autograd.grad(checkpoint(block, x, use_reentrant=False).sum(), [x, clip])
-    for a, b in zip(plain, ckpt):
-        assert torch.equal(a, b)
     w = x * 1.0
     y = sk.liq_quantize(w, clip, 4, True, True)
     w.add_(1.0)
@@ -209,7 +160,7 @@ def test_checkpointing_inplace_check_and_inference_mode(backend):
         want = sk.fake_quantize(x, clip, torch.zeros(1, device=device), 0, 7)
     with torch.inference_mode():
         got = sk.fake_quantize(x, clip, torch.zeros(1, device=device), 0, 7)
-    _assert_bitwise(got, want, "inference_mode")
+    assert_bitwise(got, want, "inference_mode")
 
 
 def test_fake_tensors_and_dispatch_modes_keep_the_custom_op(backend):
@@ -219,7 +170,7 @@ def test_fake_tensors_and_dispatch_modes_keep_the_custom_op(backend):
     _, device = backend
     clip = torch.tensor([1.0], device=device, requires_grad=True)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fx = mode.from_tensor(_rand((5, 6), torch.float32, device, 9)).requires_grad_()
+        fx = mode.from_tensor(rand((5, 6), torch.float32, device, 9)).requires_grad_()
         fy = sk.liq_quantize(fx, clip, 4, True, False)
     assert fy.shape == (5, 6) and not _eager(fy.grad_fn)
 
@@ -232,7 +183,29 @@ def test_fake_tensors_and_dispatch_modes_keep_the_custom_op(backend):
             self.ops.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    x = _rand((5, 6), torch.float32, device, 9).requires_grad_()
+    x = rand((5, 6), torch.float32, device, 9).requires_grad_()
     with Record() as rec:
         y = sk.liq_quantize(x, clip, 4, True, False)
     assert "saq.liq_quantize.default" in rec.ops and not _eager(y.grad_fn)
+
+
+def test_jit_trace_records_the_custom_op(backend, tmp_path):
+    """torch.jit.trace must not record the eager Function (a Python op jit.save cannot export):
+    under tracing the custom op stays the path, and the saved module reloads and computes the
+    same values."""
+    _, device = backend
+
+    class Q(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.clip = torch.nn.Parameter(torch.tensor([1.2], device=device))
+
+        def forward(self, x):
+            return sk.liq_quantize(x, self.clip, 4, False)
+
+    x = rand((3, 4), torch.float32, device, 15)
+    traced = torch.jit.trace(Q(), x)
+    assert "saq::liq_quantize" in str(traced.graph) and "PythonOp" not in str(traced.graph)
+    torch.jit.save(traced, str(tmp_path / "q.pt"))
+    loaded = torch.jit.load(str(tmp_path / "q.pt"))
+    assert torch.equal(loaded(x), Q()(x))

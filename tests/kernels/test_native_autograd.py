@@ -22,10 +22,11 @@ import torch
 
 import saq_kernels as sk
 import saq_kernels.ops as ops
+from autograd_parity import (PERTURB, assert_bitwise, assert_checkpointing_matches, perturbation,
+                             rand, run)
 from saq_kernels import validate
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-PERTURB = ["none", "after", "before", "probe"]
 
 
 def _devices():
@@ -46,52 +47,6 @@ def device(request):
         yield request.param
 
 
-def _rand(shape, dtype, device, seed, noncontig=False, scale=2.0):
-    gen = torch.Generator().manual_seed(seed)
-    if noncontig:
-        t = (torch.randn(tuple(reversed(shape)), generator=gen) * scale).permute(
-            *reversed(range(len(shape))))
-    else:
-        t = torch.randn(shape, generator=gen) * scale
-    return t.to(dtype=dtype, device=device)
-
-
-def _perturbation(kind, x, seed=7):
-    """(e, s, before); e requires grad (its gradient is compared too); "probe" is saq.SAQ's
-    ascent pass: a zero e with s = 1."""
-    if kind == "none":
-        return None, None, False
-    if kind == "probe":
-        return torch.zeros_like(x).requires_grad_(), torch.ones((), device=x.device), False
-    e = _rand(tuple(x.shape), x.dtype, x.device, seed, scale=0.5).requires_grad_()
-    return e, torch.tensor(0.05, device=x.device), kind == "before"
-
-
-def _bits(t):
-    ity = {4: torch.int32, 2: torch.int16, 8: torch.int64}[t.element_size()]
-    return t.detach().contiguous().view(ity)
-
-
-def _assert_bitwise(a, b, what):
-    assert (a is None) == (b is None), what
-    if a is None:
-        return
-    assert a.dtype == b.dtype and a.shape == b.shape, what
-    assert torch.equal(_bits(a), _bits(b)), f"{what}: not bitwise equal"
-
-
-def _run(fn, leaves, grad_seed=11):
-    """Forward, then backward of a fixed random cotangent; returns (y, grads of the leaves)."""
-    leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None
-              for t in leaves]
-    y = fn(*leaves)
-    g = _rand(tuple(y.shape), y.dtype, y.device, grad_seed, scale=1.0)
-    wants = [t for t in leaves if t is not None and t.requires_grad]
-    grads = torch.autograd.grad(y, wants, g)
-    it = iter(grads)
-    return y, y.grad_fn, [next(it) if t is not None and t.requires_grad else None for t in leaves]
-
-
 def _is_native(grad_fn) -> bool:
     return grad_fn is not None and "QuantizeFunction" in grad_fn.name()
 
@@ -104,12 +59,12 @@ def _is_native(grad_fn) -> bool:
 @pytest.mark.parametrize("axis", [None, 0, 1])
 @pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
 def test_fake_quantize_matches_the_custom_op(device, dtype, perturb, axis, noncontig):
-    x = _rand((13, 37), dtype, device, 1, noncontig).requires_grad_()
+    x = rand((13, 37), dtype, device, 1, noncontig).requires_grad_()
     n = 1 if axis is None else x.shape[axis]
     scale = (torch.rand(n, generator=torch.Generator().manual_seed(2)) * 0.3 + 0.05).to(device)
     zp = (torch.randn(n, generator=torch.Generator().manual_seed(3)) * 2).to(device)
     scale.requires_grad_(), zp.requires_grad_()
-    e, s, before = _perturbation(perturb, x)
+    e, s, before = perturbation(perturb, x)
     args = (-8, 7, axis, 0.3)
 
     def public(x, scale, zp, e, s):
@@ -118,12 +73,12 @@ def test_fake_quantize_matches_the_custom_op(device, dtype, perturb, axis, nonco
     def custom(x, scale, zp, e, s):
         return torch.ops.saq.fake_quantize(x, scale, zp, *args, e, s, before)
 
-    y1, fn1, g1 = _run(public, [x, scale, zp, e, s])
-    y2, fn2, g2 = _run(custom, [x, scale, zp, e, s])
+    y1, fn1, g1 = run(public, [x, scale, zp, e, s])
+    y2, fn2, g2 = run(custom, [x, scale, zp, e, s])
     assert _is_native(fn1) and not _is_native(fn2), (fn1, fn2)
-    _assert_bitwise(y1, y2, "y")
+    assert_bitwise(y1, y2, "y")
     for name, a, b in zip(("dx", "dscale", "dzero_point", "de", "ds"), g1, g2):
-        _assert_bitwise(a, b, name)
+        assert_bitwise(a, b, name)
     if perturb == "probe":  # d(Q(x) + 1 * e)/de = dL/dy, exactly
         assert g1[3] is not None and g1[3].dtype == dtype
 
@@ -133,9 +88,9 @@ def test_fake_quantize_matches_the_custom_op(device, dtype, perturb, axis, nonco
 @pytest.mark.parametrize("signed,standardize", [(True, True), (True, False), (False, False)])
 @pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
 def test_liq_quantize_matches_the_custom_op(device, dtype, perturb, signed, standardize, noncontig):
-    x = _rand((9, 4, 3, 5), dtype, device, 4, noncontig).requires_grad_()
+    x = rand((9, 4, 3, 5), dtype, device, 4, noncontig).requires_grad_()
     clip = torch.tensor([-1.3 if signed else 1.7], device=device, requires_grad=True)
-    e, s, before = _perturbation(perturb, x)
+    e, s, before = perturbation(perturb, x)
 
     def public(x, clip, e, s):
         return sk.liq_quantize(x, clip, 3, signed, standardize, e, s, before)
@@ -143,16 +98,16 @@ def test_liq_quantize_matches_the_custom_op(device, dtype, perturb, signed, stan
     def custom(x, clip, e, s):
         return torch.ops.saq.liq_quantize(x, clip, 3, signed, standardize, e, s, before)
 
-    y1, fn1, g1 = _run(public, [x, clip, e, s])
-    y2, fn2, g2 = _run(custom, [x, clip, e, s])
+    y1, fn1, g1 = run(public, [x, clip, e, s])
+    y2, fn2, g2 = run(custom, [x, clip, e, s])
     assert _is_native(fn1) and not _is_native(fn2), (fn1, fn2)
-    _assert_bitwise(y1, y2, "y")
+    assert_bitwise(y1, y2, "y")
     for name, a, b in zip(("dx", "dclip", "de", "ds"), g1, g2):
-        _assert_bitwise(a, b, name)
+        assert_bitwise(a, b, name)
 
 
 def test_no_grad_and_frozen_inputs(device):
-    x = _rand((6, 10), torch.float32, device, 5)
+    x = rand((6, 10), torch.float32, device, 5)
     clip = torch.tensor([1.0], device=device)
     with torch.no_grad():
         y = sk.liq_quantize(x, clip, 4, True, False)
@@ -168,7 +123,7 @@ def test_no_grad_and_frozen_inputs(device):
 def test_inference_mode(device):
     # under torch.inference_mode() the Autograd key is skipped, where the C++ op lives: the call
     # goes to the Python path instead, with the same kernels and the same values as under no_grad
-    x = _rand((6, 10), torch.float32, device, 5)
+    x = rand((6, 10), torch.float32, device, 5)
     clip = torch.tensor([1.0], device=device)
     scale, zp = torch.full((10,), 0.05, device=device), torch.zeros(10, device=device)
     with torch.no_grad():
@@ -177,11 +132,11 @@ def test_inference_mode(device):
         got = (sk.liq_quantize(x, clip, 4, True, True), sk.fake_quantize(x, scale, zp, -8, 7, 1))
         assert torch.is_inference(got[0])
     for a, b in zip(got, want):
-        _assert_bitwise(a, b, "inference_mode")
+        assert_bitwise(a, b, "inference_mode")
 
 
 def test_inplace_change_after_forward_is_caught(device):
-    x = _rand((8, 8), torch.float32, device, 6).requires_grad_()
+    x = rand((8, 8), torch.float32, device, 6).requires_grad_()
     w = x * 1.0
     y = sk.liq_quantize(w, torch.tensor([1.0], device=device), 4, True, True)
     w.add_(1.0)  # the kernel's saved input changed: its backward would be wrong
@@ -193,7 +148,7 @@ def test_double_backward_raises_instead_of_returning_zeros(device):
     # a second derivative through the quantizer's backward: the custom op has no autograd formula
     # for its backward op and raises when a second backward reaches it; the native path raises
     # there too (not zeros with a warning, which the autograd fallback would give)
-    x = _rand((6, 7), torch.float32, device, 13).requires_grad_()
+    x = rand((6, 7), torch.float32, device, 13).requires_grad_()
     clip = torch.tensor([1.0], device=device, requires_grad=True)
     for fn in (lambda: sk.liq_quantize(x, clip, 4, False),
                lambda: sk.fake_quantize(x, clip, torch.zeros(1, device=device), 0, 15)):
@@ -212,9 +167,9 @@ def test_double_backward_raises_instead_of_returning_zeros(device):
 def test_create_graph_without_a_second_derivative_of_the_quantizer(device, quantizer):
     # a gradient penalty on a weight that follows a quantized activation needs create_graph=True
     # but no second derivative of the quantizer: the native path runs it like the custom op
-    def run(native):
+    def penalty(native):
         torch.manual_seed(0)
-        x = _rand((8, 12), torch.float32, device, 21)
+        x = rand((8, 12), torch.float32, device, 21)
         w = torch.randn(5, 12, device=device, requires_grad=True)
         s = torch.tensor([0.2], device=device, requires_grad=True)
         z = torch.zeros(1, device=device)
@@ -230,24 +185,13 @@ def test_create_graph_without_a_second_derivative_of_the_quantizer(device, quant
         (gw.square().sum() + loss).backward()
         return w.grad, s.grad, gs.detach()
 
-    for a, b in zip(run(True), run(False)):
-        _assert_bitwise(a, b, "penalty")
+    for a, b in zip(penalty(True), penalty(False)):
+        assert_bitwise(a, b, "penalty")
 
 
 def test_activation_checkpointing(device):
     """Saved tensors go through saved-tensor hooks (torch.utils.checkpoint recomputes them)."""
-    from torch.utils.checkpoint import checkpoint
-
-    x = _rand((16, 9), torch.float32, device, 14).requires_grad_()
-    clip = torch.tensor([0.8], device=device, requires_grad=True)
-
-    def block(t):
-        return sk.liq_quantize(torch.relu(t * 1.5), clip, 3, False).sin()
-
-    plain = torch.autograd.grad(block(x).sum(), [x, clip])
-    ckpt = torch.autograd.grad(checkpoint(block, x, use_reentrant=False).sum(), [x, clip])
-    for a, b in zip(plain, ckpt):
-        assert torch.equal(a, b)
+    assert_checkpointing_matches(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +199,7 @@ def test_activation_checkpointing(device):
 # ----------------------------------------------------------------------------------------------
 def test_reference_backend_takes_the_python_path(device):
     # (its own eager autograd.Function: tests/kernels/test_eager_autograd.py)
-    x = _rand((5, 6), torch.float32, device, 8).requires_grad_()
+    x = rand((5, 6), torch.float32, device, 8).requires_grad_()
     with sk.use_backend("reference"):
         y = sk.liq_quantize(x, torch.tensor([1.0], device=device), 4, True, False)
     assert y.grad_fn is not None and not _is_native(y.grad_fn)
@@ -267,14 +211,14 @@ def test_fake_tensors_keep_the_custom_op(device):
 
     clip = torch.tensor([1.0], device=device, requires_grad=True)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fx = mode.from_tensor(_rand((5, 6), torch.float32, device, 9)).requires_grad_()
+        fx = mode.from_tensor(rand((5, 6), torch.float32, device, 9)).requires_grad_()
         fy = sk.liq_quantize(fx, clip, 4, True, False)
     assert fy.shape == (5, 6) and not _is_native(fy.grad_fn)
 
 
 def test_stale_extension_falls_back_to_the_python_path(device, monkeypatch):
     monkeypatch.setitem(ops._NATIVE_AUTOGRAD, "liq_quantize", None)
-    x = _rand((5, 6), torch.float32, device, 10).requires_grad_()
+    x = rand((5, 6), torch.float32, device, 10).requires_grad_()
     y = sk.liq_quantize(x, torch.tensor([1.0], device=device), 4, True, False)
     assert y.grad_fn is not None and not _is_native(y.grad_fn)
 
@@ -286,7 +230,7 @@ def test_stale_extension_falls_back_to_the_python_path(device, monkeypatch):
 def test_bad_clip_and_scale_values_raise(device, bad, monkeypatch):
     if device != "cpu":
         pytest.skip("value checks read the tensor: CPU only (a GPU read would sync every step)")
-    x = _rand((4, 5), torch.float32, device, 12)
+    x = rand((4, 5), torch.float32, device, 12)
     with pytest.raises(RuntimeError, match=r"saq::liq_quantize: 'clip' must be finite and \|clip\| > 0"):
         sk.liq_quantize(x, torch.tensor([bad]), 4, True, False)
     with pytest.raises(RuntimeError, match=r"saq::fake_quantize: 'scale' must be finite and scale > 0"):

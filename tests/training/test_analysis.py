@@ -134,6 +134,40 @@ def test_analysis_of_a_qat_model_leaves_no_saq_state_behind():
     assert all(m._saq_probe is None and m._saq_e is None for m in qlayers)
 
 
+def test_fresh_model_frozen_submodule_and_an_interrupt_leave_no_trace():
+    """A model whose quantizers never saw a batch keeps its init pending (values and flags); a
+    submodule frozen in eval mode inside a training model stays so; an exception between the
+    ascent and the restore (here from the loss of the perturbed pass) still restores every
+    value."""
+    torch.manual_seed(0)
+    fresh = saq.quantize_model(get_model("digits_cnn", 10), weight_bits=4, act_bits=4, quantizer="liq")
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    analysis.sharpness(fresh, _batches(1), rho=0.2)
+    analysis.loss_landscape(fresh, _batches(1), alphas=[0.5])
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    assert not any(m.quant_initialized for m in fresh.modules() if hasattr(m, "quant_initialized"))
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    model.train()
+    model[2].eval()
+    analysis.sharpness(model, _batches(1), rho=0.2)
+    assert model.training and not model[2].training and model[1].training
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def loss_fn(out, y):
+        calls.append(1)
+        if len(calls) == 2:  # the perturbed pass
+            raise KeyboardInterrupt
+        return F.cross_entropy(out, y)
+
+    with pytest.raises(KeyboardInterrupt):
+        analysis.sharpness(model, _batches(1), rho=0.5, loss_fn=loss_fn)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training and not model[2].training
+
+
 def test_landscape_origin_is_the_loss_and_directions_are_filter_normalized():
     model = _qmodel()
     data = _batches(2, seed=3)
@@ -215,6 +249,9 @@ def test_cli_analyze_json_text_and_plot(run, capsys):
     (["--rho", "-1"], "--rho must be >= 0"),
     (["--span", "0"], "--span must be a positive number"),
     (["--device", "gpu"], "--device must be auto, cpu, cuda"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+    (["--plot", "x.png"], "--plot draws the --landscape curve"),
+    (["--landscape", "3", "--plot", "."], "is a folder; give a file name"),
 ])
 def test_cli_analyze_bad_values_are_one_line_exit_2(run, argv, msg, capsys):
     assert main(["analyze", "--checkpoint", str(run / "last.pt"), *argv]) == 2
