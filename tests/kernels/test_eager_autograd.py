@@ -209,3 +209,30 @@ def test_jit_trace_records_the_custom_op(backend, tmp_path):
     torch.jit.save(traced, str(tmp_path / "q.pt"))
     loaded = torch.jit.load(str(tmp_path / "q.pt"))
     assert torch.equal(loaded(x), Q()(x))
+
+
+@pytest.mark.parametrize("quantizer", ["fake_quantize", "liq_quantize"])
+def test_gradient_penalty_with_create_graph_matches_the_custom_op(backend, quantizer):
+    """create_graph=True without a second derivative of the quantizer (a penalty on a weight
+    after a quantized activation): the eager path gives the custom op's numbers."""
+    _, device = backend
+
+    def penalty(eager):
+        x = rand((8, 12), torch.float32, device, 21)
+        w = rand((5, 12), torch.float32, device, 22).requires_grad_()
+        s = torch.tensor([0.2], device=device, requires_grad=True)
+        z = torch.zeros(1, device=device)
+        if quantizer == "fake_quantize":
+            q = (sk.fake_quantize(x, s, z, 0, 15) if eager
+                 else torch.ops.saq.fake_quantize(x, s, z, 0, 15, None, 1.0, None, None, False, False))
+        else:
+            q = (sk.liq_quantize(x, s, 4, False) if eager
+                 else torch.ops.saq.liq_quantize(x, s, 4, False, False, None, None, False, False))
+        assert _eager(q.grad_fn) == eager
+        loss = (q @ w.t()).square().sum()
+        gw, gs = torch.autograd.grad(loss, (w, s), create_graph=True)
+        (gw.square().sum() + loss).backward()
+        return w.grad, s.grad, gs.detach()
+
+    for a, b in zip(penalty(True), penalty(False)):
+        assert_bitwise(a, b, "penalty")
