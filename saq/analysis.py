@@ -251,9 +251,11 @@ def loss_landscape(
     return {"alpha": alphas, "loss": losses, "seed": int(seed), "samples": n}
 
 
-def _check_plot_path(plot: str, landscape: int, error) -> None:
+def _check_plot_path(plot: str, landscape: int) -> None:
     """Before any work: --plot needs a curve, a file name (not a folder) and a writable folder."""
     import os
+
+    from saq.train.config import ConfigError as error
 
     if not landscape:
         raise error("--plot draws the --landscape curve; add --landscape N (e.g. 21) or drop --plot")
@@ -318,7 +320,7 @@ def analyze_checkpoint(
     if workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {workers}")
     if plot:
-        _check_plot_path(plot, landscape, ConfigError)
+        _check_plot_path(plot, landscape)
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     ck = ckpt_mod.load_checkpoint(path)

@@ -68,3 +68,73 @@ def assert_checkpointing_matches(device):
     ckpt = torch.autograd.grad(checkpoint(block, x, use_reentrant=False).sum(), [x, clip])
     for a, b in zip(plain, ckpt):
         assert torch.equal(a, b)
+
+
+def penalty_grads(quantizer, device, public):
+    """A gradient penalty on a weight after a quantized activation: create_graph=True, but no
+    second derivative of the quantizer. Through the public wrapper (``public``) or the custom op
+    ``torch.ops.saq.<quantizer>``; returns ((w.grad, s.grad, ds), the quantizer output's grad_fn)."""
+    import saq_kernels as sk
+
+    x = rand((8, 12), torch.float32, device, 21)
+    w = rand((5, 12), torch.float32, device, 22).requires_grad_()
+    s = torch.tensor([0.2], device=device, requires_grad=True)
+    z = torch.zeros(1, device=device)
+    if quantizer == "fake_quantize":
+        q = (sk.fake_quantize(x, s, z, 0, 15) if public
+             else torch.ops.saq.fake_quantize(x, s, z, 0, 15, None, 1.0, None, None, False, False))
+    else:
+        q = (sk.liq_quantize(x, s, 4, False) if public
+             else torch.ops.saq.liq_quantize(x, s, 4, False, False, None, None, False, False))
+    loss = (q @ w.t()).square().sum()
+    gw, gs = torch.autograd.grad(loss, (w, s), create_graph=True)
+    (gw.square().sum() + loss).backward()
+    return (w.grad, s.grad, gs.detach()), q.grad_fn
+
+
+def fake_quantize_both(device, dtype, perturb, axis, noncontig, relu=False):
+    """fake_quantize forward + backward through the public wrapper and through the custom op on
+    the same inputs; returns the two ``run`` results (y, grad_fn, [dx, dscale, dzp, de, ds])."""
+    import saq_kernels as sk
+
+    x = rand((13, 37), dtype, device, 1, noncontig).requires_grad_()
+    n = 1 if axis is None else x.shape[axis]
+    scale = (torch.rand(n, generator=torch.Generator().manual_seed(2)) * 0.3 + 0.05).to(device)
+    zp = (torch.randn(n, generator=torch.Generator().manual_seed(3)) * 2).to(device)
+    scale.requires_grad_(), zp.requires_grad_()
+    e, s, before = perturbation(perturb, x)
+    args = (-8, 7, axis, 0.3)
+
+    def public(x, scale, zp, e, s):
+        return sk.fake_quantize(x, scale, zp, *args, e, s, before, relu)
+
+    def custom(x, scale, zp, e, s):
+        return torch.ops.saq.fake_quantize(x, scale, zp, *args, e, s, before, relu)
+
+    leaves = [x, scale, zp, e, s]
+    return run(public, leaves), run(custom, leaves)
+
+
+def liq_quantize_both(device, dtype, perturb, signed, standardize, noncontig, relu=False):
+    """liq_quantize's counterpart of :func:`fake_quantize_both` (grads: dx, dclip, de, ds)."""
+    import saq_kernels as sk
+
+    x = rand((9, 4, 3, 5), dtype, device, 4, noncontig).requires_grad_()
+    clip = torch.tensor([-1.3 if signed else 1.7], device=device, requires_grad=True)
+    e, s, before = perturbation(perturb, x)
+
+    def public(x, clip, e, s):
+        return sk.liq_quantize(x, clip, 3, signed, standardize, e, s, before, relu)
+
+    def custom(x, clip, e, s):
+        return torch.ops.saq.liq_quantize(x, clip, 3, signed, standardize, e, s, before, relu)
+
+    leaves = [x, clip, e, s]
+    return run(public, leaves), run(custom, leaves)
+
+
+def assert_same_results(first, second, grad_names):
+    """The outputs and every gradient of two ``run`` results bitwise equal."""
+    assert_bitwise(first[0], second[0], "y")
+    for name, a, b in zip(grad_names, first[2], second[2]):
+        assert_bitwise(a, b, name)

@@ -19,8 +19,8 @@ import torch
 
 import saq_kernels as sk
 import saq_kernels.ops as ops
-from autograd_parity import (PERTURB, assert_bitwise, assert_checkpointing_matches, perturbation,
-                             rand, run)
+from autograd_parity import (PERTURB, assert_bitwise, assert_checkpointing_matches, assert_same_results,
+                             fake_quantize_both, liq_quantize_both, penalty_grads, rand)
 
 BACKEND_OP = "fake_quantize_backward"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -56,27 +56,9 @@ def _eager(grad_fn) -> bool:
 @pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
 def test_fake_quantize_matches_the_custom_op(backend, dtype, perturb, axis, noncontig):
     _, device = backend
-    x = rand((13, 37), dtype, device, 1, noncontig).requires_grad_()
-    n = 1 if axis is None else x.shape[axis]
-    scale = (torch.rand(n, generator=torch.Generator().manual_seed(2)) * 0.3 + 0.05).to(device)
-    zp = (torch.randn(n, generator=torch.Generator().manual_seed(3)) * 2).to(device)
-    scale.requires_grad_(), zp.requires_grad_()
-    e, s, before = perturbation(perturb, x)
-    relu = perturb == "none"
-    args = (-8, 7, axis, 0.3)
-
-    def public(x, scale, zp, e, s):
-        return sk.fake_quantize(x, scale, zp, *args, e, s, before, relu)
-
-    def custom(x, scale, zp, e, s):
-        return torch.ops.saq.fake_quantize(x, scale, zp, *args, e, s, before, relu)
-
-    y1, fn1, g1 = run(public, [x, scale, zp, e, s])
-    y2, fn2, g2 = run(custom, [x, scale, zp, e, s])
-    assert _eager(fn1) and not _eager(fn2), (fn1, fn2)
-    assert_bitwise(y1, y2, "y")
-    for name, a, b in zip(("dx", "dscale", "dzero_point", "de", "ds"), g1, g2):
-        assert_bitwise(a, b, name)
+    first, second = fake_quantize_both(device, dtype, perturb, axis, noncontig, relu=perturb == "none")
+    assert _eager(first[1]) and not _eager(second[1]), (first[1], second[1])
+    assert_same_results(first, second, ("dx", "dscale", "dzero_point", "de", "ds"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -85,23 +67,10 @@ def test_fake_quantize_matches_the_custom_op(backend, dtype, perturb, axis, nonc
 @pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
 def test_liq_quantize_matches_the_custom_op(backend, dtype, perturb, signed, standardize, noncontig):
     _, device = backend
-    x = rand((9, 4, 3, 5), dtype, device, 4, noncontig).requires_grad_()
-    clip = torch.tensor([-1.3 if signed else 1.7], device=device, requires_grad=True)
-    e, s, before = perturbation(perturb, x)
-    relu = perturb == "none" and not signed
-
-    def public(x, clip, e, s):
-        return sk.liq_quantize(x, clip, 3, signed, standardize, e, s, before, relu)
-
-    def custom(x, clip, e, s):
-        return torch.ops.saq.liq_quantize(x, clip, 3, signed, standardize, e, s, before, relu)
-
-    y1, fn1, g1 = run(public, [x, clip, e, s])
-    y2, fn2, g2 = run(custom, [x, clip, e, s])
-    assert _eager(fn1) and not _eager(fn2), (fn1, fn2)
-    assert_bitwise(y1, y2, "y")
-    for name, a, b in zip(("dx", "dclip", "de", "ds"), g1, g2):
-        assert_bitwise(a, b, name)
+    first, second = liq_quantize_both(device, dtype, perturb, signed, standardize, noncontig,
+                                      relu=perturb == "none" and not signed)
+    assert _eager(first[1]) and not _eager(second[1]), (first[1], second[1])
+    assert_same_results(first, second, ("dx", "dclip", "de", "ds"))
 
 
 def test_backends_are_chosen_when_each_pass_runs(backend, monkeypatch):
@@ -216,23 +185,7 @@ def test_gradient_penalty_with_create_graph_matches_the_custom_op(backend, quant
     """create_graph=True without a second derivative of the quantizer (a penalty on a weight
     after a quantized activation): the eager path gives the custom op's numbers."""
     _, device = backend
-
-    def penalty(eager):
-        x = rand((8, 12), torch.float32, device, 21)
-        w = rand((5, 12), torch.float32, device, 22).requires_grad_()
-        s = torch.tensor([0.2], device=device, requires_grad=True)
-        z = torch.zeros(1, device=device)
-        if quantizer == "fake_quantize":
-            q = (sk.fake_quantize(x, s, z, 0, 15) if eager
-                 else torch.ops.saq.fake_quantize(x, s, z, 0, 15, None, 1.0, None, None, False, False))
-        else:
-            q = (sk.liq_quantize(x, s, 4, False) if eager
-                 else torch.ops.saq.liq_quantize(x, s, 4, False, False, None, None, False, False))
-        assert _eager(q.grad_fn) == eager
-        loss = (q @ w.t()).square().sum()
-        gw, gs = torch.autograd.grad(loss, (w, s), create_graph=True)
-        (gw.square().sum() + loss).backward()
-        return w.grad, s.grad, gs.detach()
-
-    for a, b in zip(penalty(True), penalty(False)):
+    (eager, fn1), (custom, fn2) = (penalty_grads(quantizer, device, p) for p in (True, False))
+    assert _eager(fn1) and not _eager(fn2)
+    for a, b in zip(eager, custom):
         assert_bitwise(a, b, "penalty")

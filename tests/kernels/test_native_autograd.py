@@ -22,8 +22,8 @@ import torch
 
 import saq_kernels as sk
 import saq_kernels.ops as ops
-from autograd_parity import (PERTURB, assert_bitwise, assert_checkpointing_matches, perturbation,
-                             rand, run)
+from autograd_parity import (PERTURB, assert_bitwise, assert_checkpointing_matches, assert_same_results,
+                             fake_quantize_both, liq_quantize_both, penalty_grads, rand)
 from saq_kernels import validate
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -59,26 +59,10 @@ def _is_native(grad_fn) -> bool:
 @pytest.mark.parametrize("axis", [None, 0, 1])
 @pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
 def test_fake_quantize_matches_the_custom_op(device, dtype, perturb, axis, noncontig):
-    x = rand((13, 37), dtype, device, 1, noncontig).requires_grad_()
-    n = 1 if axis is None else x.shape[axis]
-    scale = (torch.rand(n, generator=torch.Generator().manual_seed(2)) * 0.3 + 0.05).to(device)
-    zp = (torch.randn(n, generator=torch.Generator().manual_seed(3)) * 2).to(device)
-    scale.requires_grad_(), zp.requires_grad_()
-    e, s, before = perturbation(perturb, x)
-    args = (-8, 7, axis, 0.3)
-
-    def public(x, scale, zp, e, s):
-        return sk.fake_quantize(x, scale, zp, *args, e, s, before)
-
-    def custom(x, scale, zp, e, s):
-        return torch.ops.saq.fake_quantize(x, scale, zp, *args, e, s, before)
-
-    y1, fn1, g1 = run(public, [x, scale, zp, e, s])
-    y2, fn2, g2 = run(custom, [x, scale, zp, e, s])
-    assert _is_native(fn1) and not _is_native(fn2), (fn1, fn2)
-    assert_bitwise(y1, y2, "y")
-    for name, a, b in zip(("dx", "dscale", "dzero_point", "de", "ds"), g1, g2):
-        assert_bitwise(a, b, name)
+    first, second = fake_quantize_both(device, dtype, perturb, axis, noncontig)
+    assert _is_native(first[1]) and not _is_native(second[1]), (first[1], second[1])
+    assert_same_results(first, second, ("dx", "dscale", "dzero_point", "de", "ds"))
+    g1 = first[2]
     if perturb == "probe":  # d(Q(x) + 1 * e)/de = dL/dy, exactly
         assert g1[3] is not None and g1[3].dtype == dtype
 
@@ -88,22 +72,9 @@ def test_fake_quantize_matches_the_custom_op(device, dtype, perturb, axis, nonco
 @pytest.mark.parametrize("signed,standardize", [(True, True), (True, False), (False, False)])
 @pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "noncontig"])
 def test_liq_quantize_matches_the_custom_op(device, dtype, perturb, signed, standardize, noncontig):
-    x = rand((9, 4, 3, 5), dtype, device, 4, noncontig).requires_grad_()
-    clip = torch.tensor([-1.3 if signed else 1.7], device=device, requires_grad=True)
-    e, s, before = perturbation(perturb, x)
-
-    def public(x, clip, e, s):
-        return sk.liq_quantize(x, clip, 3, signed, standardize, e, s, before)
-
-    def custom(x, clip, e, s):
-        return torch.ops.saq.liq_quantize(x, clip, 3, signed, standardize, e, s, before)
-
-    y1, fn1, g1 = run(public, [x, clip, e, s])
-    y2, fn2, g2 = run(custom, [x, clip, e, s])
-    assert _is_native(fn1) and not _is_native(fn2), (fn1, fn2)
-    assert_bitwise(y1, y2, "y")
-    for name, a, b in zip(("dx", "dclip", "de", "ds"), g1, g2):
-        assert_bitwise(a, b, name)
+    first, second = liq_quantize_both(device, dtype, perturb, signed, standardize, noncontig)
+    assert _is_native(first[1]) and not _is_native(second[1]), (first[1], second[1])
+    assert_same_results(first, second, ("dx", "dclip", "de", "ds"))
 
 
 def test_no_grad_and_frozen_inputs(device):
@@ -167,25 +138,9 @@ def test_double_backward_raises_instead_of_returning_zeros(device):
 def test_create_graph_without_a_second_derivative_of_the_quantizer(device, quantizer):
     # a gradient penalty on a weight that follows a quantized activation needs create_graph=True
     # but no second derivative of the quantizer: the native path runs it like the custom op
-    def penalty(native):
-        torch.manual_seed(0)
-        x = rand((8, 12), torch.float32, device, 21)
-        w = torch.randn(5, 12, device=device, requires_grad=True)
-        s = torch.tensor([0.2], device=device, requires_grad=True)
-        z = torch.zeros(1, device=device)
-        if quantizer == "fake_quantize":
-            q = (sk.fake_quantize(x, s, z, 0, 15) if native
-                 else torch.ops.saq.fake_quantize(x, s, z, 0, 15, None, 1.0, None, None, False, False))
-        else:
-            q = (sk.liq_quantize(x, s, 4, False) if native
-                 else torch.ops.saq.liq_quantize(x, s, 4, False, False, None, None, False, False))
-        assert _is_native(q.grad_fn) == native
-        loss = (q @ w.t()).square().sum()
-        (gw, gs) = torch.autograd.grad(loss, (w, s), create_graph=True)
-        (gw.square().sum() + loss).backward()
-        return w.grad, s.grad, gs.detach()
-
-    for a, b in zip(penalty(True), penalty(False)):
+    (native, fn1), (custom, fn2) = (penalty_grads(quantizer, device, p) for p in (True, False))
+    assert _is_native(fn1) and not _is_native(fn2)
+    for a, b in zip(native, custom):
         assert_bitwise(a, b, "penalty")
 
 
