@@ -159,40 +159,40 @@ EVIDENCE: Dict[str, Dict[str, Dict[str, str]]] = {
     },
     'cuda': {
         'fake_quantize': {
-            'bf16': 'fwd+bwd over 7 shapes: cuda 1.00, triton 4.19, reference 9.80',
-            'fp32': 'fwd+bwd over 7 shapes: cuda 1.00, triton 3.82, reference 7.49',
+            'bf16': 'fwd+bwd over 7 shapes: cuda 1.00, triton 3.34, reference 9.85',
+            'fp32': 'fwd+bwd over 7 shapes: cuda 1.00, triton 3.07, reference 7.71',
         },
         'fake_quantize_backward': {
-            'bf16': 'fwd+bwd over 7 shapes: cuda 1.00, triton 4.19, reference 9.80',
-            'fp32': 'fwd+bwd over 7 shapes: cuda 1.00, triton 3.82, reference 7.49',
+            'bf16': 'fwd+bwd over 7 shapes: cuda 1.00, triton 3.34, reference 9.85',
+            'fp32': 'fwd+bwd over 7 shapes: cuda 1.00, triton 3.07, reference 7.71',
         },
         'grad_sq_norm': {
-            'bf16': 'update over 3 shapes: cuda 1.00, triton 6.12, reference 23.66',
-            'fp32': 'update over 3 shapes: cuda 1.00, triton 5.69, reference 16.16',
+            'bf16': 'update over 3 shapes: cuda 1.00, triton 5.55, reference 24.21',
+            'fp32': 'update over 3 shapes: cuda 1.00, triton 5.08, reference 16.56',
         },
         'liq_quantize': {
-            'bf16': 'fwd+bwd over 6 shapes: cuda 1.00, triton 3.76, reference 6.17',
-            'fp32': 'fwd+bwd over 7 shapes: cuda 1.00, triton 3.18, reference 5.66',
+            'bf16': 'fwd+bwd over 7 shapes: cuda 1.00, triton 3.22, reference 9.51',
+            'fp32': 'fwd+bwd over 7 shapes: cuda 1.01, triton 2.71, reference 6.39; faster elsewhere at 2^26 (triton)',
         },
         'liq_quantize_backward': {
-            'bf16': 'fwd+bwd over 6 shapes: cuda 1.00, triton 3.76, reference 6.17',
-            'fp32': 'fwd+bwd over 7 shapes: cuda 1.00, triton 3.18, reference 5.66',
+            'bf16': 'fwd+bwd over 7 shapes: cuda 1.00, triton 3.22, reference 9.51',
+            'fp32': 'fwd+bwd over 7 shapes: cuda 1.01, triton 2.71, reference 6.39; faster elsewhere at 2^26 (triton)',
         },
         'sam_perturb_': {
-            'bf16': 'update over 3 shapes: cuda 1.00, triton 4.43, reference 16.14',
-            'fp32': 'update over 3 shapes: cuda 1.00, triton 4.62, reference 12.57',
+            'bf16': 'update over 3 shapes: cuda 1.00, triton 3.57, reference 16.40',
+            'fp32': 'update over 3 shapes: cuda 1.00, triton 3.64, reference 12.80',
         },
         'sam_restore_': {
-            'bf16': 'update over 3 shapes: cuda 1.00, triton 5.01, reference 6.34',
-            'fp32': 'update over 3 shapes: cuda 1.00, triton 5.65, reference 6.15',
+            'bf16': 'update over 3 shapes: cuda 1.00, triton 4.55, reference 6.44',
+            'fp32': 'update over 3 shapes: cuda 1.00, triton 4.26, reference 5.92',
         },
         'sam_restore_adamw_': {
-            'bf16': 'update over 3 shapes: cuda 1.00, triton 4.01, reference 87.72',
-            'fp32': 'update over 3 shapes: cuda 1.00, triton 3.62, reference 71.60',
+            'bf16': 'update over 3 shapes: cuda 1.00, triton 2.88, reference 115.30',
+            'fp32': 'update over 3 shapes: cuda 1.00, triton 3.25, reference 82.48',
         },
         'sam_restore_sgd_': {
-            'bf16': 'update over 3 shapes: cuda 1.00, triton 3.91, reference 68.37',
-            'fp32': 'update over 3 shapes: cuda 1.00, triton 3.66, reference 32.08',
+            'bf16': 'update over 3 shapes: cuda 1.00, triton 2.58, reference 66.06',
+            'fp32': 'update over 3 shapes: cuda 1.00, triton 3.28, reference 32.25',
         },
     },
 }

@@ -73,7 +73,9 @@ def assert_checkpointing_matches(device):
 def penalty_grads(quantizer, device, public):
     """A gradient penalty on a weight after a quantized activation: create_graph=True, but no
     second derivative of the quantizer. Through the public wrapper (``public``) or the custom op
-    ``torch.ops.saq.<quantizer>``; returns ((w.grad, s.grad, ds), the quantizer output's grad_fn)."""
+    ``torch.ops.saq.<quantizer>``; returns ((w.grad, s.grad, ds), the name of the quantizer output's
+    grad_fn). The name, not the node: once the graph is freed, torch 2.11 refuses attribute access
+    on a custom Function's node ("Attribute 'name' is invalid for this instance")."""
     import saq_kernels as sk
 
     x = rand((8, 12), torch.float32, device, 21)
@@ -88,8 +90,9 @@ def penalty_grads(quantizer, device, public):
              else torch.ops.saq.liq_quantize(x, s, 4, False, False, None, None, False, False))
     loss = (q @ w.t()).square().sum()
     gw, gs = torch.autograd.grad(loss, (w, s), create_graph=True)
+    name = q.grad_fn.name()
     (gw.square().sum() + loss).backward()
-    return (w.grad, s.grad, gs.detach()), q.grad_fn
+    return (w.grad, s.grad, gs.detach()), name
 
 
 def fake_quantize_both(device, dtype, perturb, axis, noncontig, relu=False):
