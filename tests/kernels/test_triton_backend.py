@@ -722,7 +722,7 @@ import os, re, subprocess, sys, tempfile
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from saq_kernels._triton import fake_quantize as F, liq_quantize as L, sam as S
+from saq_kernels._triton import fake_quantize as F, liq_quantize as L, sam as S, utils as U
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 local = {}  # kernel -> count of local-memory instructions (LDL / STL) in its sm_90 SASS
@@ -731,7 +731,7 @@ def ptx(kernel, types, consts, aligned=()):
     sig = {n: types.get(n, "constexpr") for n in kernel.arg_names}
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    opts = {"num_warps": 4, "enable_fp_fusion": False}
+    opts = {"num_warps": U.NUM_WARPS, "enable_fp_fusion": False}  # the shipped launch constants
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     cubin = compiled.asm.get("cubin")
     if cubin is not None and os.access(CUOBJDUMP, os.X_OK):
@@ -749,20 +749,20 @@ out = {}
 t = dict(x_ptr="*bf16", e_ptr="*bf16", s_ptr="*fp32", scale_ptr="*fp32", zp_ptr="*fp32",
          y_ptr="*bf16", N="i32", C="i32", inner="i32", qmin="fp32", qmax="fp32")
 out["fq_fwd"] = ptx(F._fake_quantize_fwd_kernel, t, dict(PER_CHANNEL=True, OUTER=True, HAS_E=True,
-                    BEFORE=False, IDX64=False, BLOCK=1024), aligned=("x_ptr", "e_ptr", "y_ptr"))
+                    BEFORE=False, IDX64=False, BLOCK=U.BLOCK), aligned=("x_ptr", "e_ptr", "y_ptr"))
 t.update(g_ptr="*bf16", dx_ptr="*bf16", part_ptr="*fp32", K="i32", n_iter="i32", grad_factor="fp32")
 out["fq_bwd"] = ptx(F._fake_quantize_bwd_kernel, t, dict(OUTER=True, HAS_E=True, BEFORE=True,
-                    IDX64=False, BLOCK_C=64, BLOCK_K=16))
+                    IDX64=False, BLOCK_C=64, BLOCK_K=U.BLOCK // 64))
 t = dict(x_ptr="*fp16", e_ptr="*fp16", s_ptr="*fp32", clip_ptr="*fp32", stats_ptr="*fp32",
          y_ptr="*fp16", g_ptr="*fp16", dx_ptr="*fp16", part_ptr="*fp32", N="i32", P="i32",
          n_levels="fp32", inv_n="fp32")
-c = dict(SIGNED=True, STANDARDIZE=True, HAS_E=True, BEFORE=False, IDX64=False, BLOCK=1024)
+c = dict(SIGNED=True, STANDARDIZE=True, HAS_E=True, BEFORE=False, IDX64=False, BLOCK=U.BLOCK)
 out["liq_fwd"] = ptx(L._liq_quantize_fwd_kernel, t, c, aligned=("x_ptr", "e_ptr", "y_ptr"))
 out["liq_bwd"] = ptx(L._liq_quantize_bwd_kernel, t, dict(RELU=False, **c))
 out["liq_bwd_relu"] = ptx(L._liq_quantize_bwd_kernel, t, dict(c, SIGNED=False, STANDARDIZE=False,
                           HAS_E=False, RELU=True))
-out["liq_stats"] = ptx(L._liq_quantize_stats_kernel, t, dict(HAS_E=True, BEFORE=True, IDX64=True, BLOCK=1024))
-out["liq_fin"] = ptx(L._liq_quantize_stats_finalize_kernel, t, dict(STAT_BLOCK=1024, BLOCK_P=1024))
+out["liq_stats"] = ptx(L._liq_quantize_stats_kernel, t, dict(HAS_E=True, BEFORE=True, IDX64=True, BLOCK=U.BLOCK))
+out["liq_fin"] = ptx(L._liq_quantize_stats_finalize_kernel, t, dict(STAT_BLOCK=U.BLOCK, BLOCK_P=1024))
 tab = dict(tab_ptr="*i64", T="i32", B="i32", n_arg="i32", flag_arg="i32", part_ptr="*fp32",
            part_base="i32", eta="fp32", scale_ptr="*fp32", lr_ptr="*fp32", found_ptr="*fp32",
            momentum="fp32", one_minus_dampening="fp32", weight_decay="fp32", b1_hi="fp32",
@@ -770,7 +770,7 @@ tab = dict(tab_ptr="*i64", T="i32", B="i32", n_arg="i32", flag_arg="i32", part_p
            beta2="fp32", eps="fp32", norm_ptr="*fp32", P="i32")
 for n in ("g_arg", "p_arg", "b_arg", "m_arg", "v_arg", "st_arg"):
     tab[n] = "*i64"
-mt = dict(TABLE=True, ALIGNED=True, BLOCK=1024)
+mt = dict(TABLE=True, ALIGNED=True, BLOCK=U.BLOCK)
 out["norm"] = ptx(S._grad_sq_norm_fwd_kernel, tab, dict(G_DT=tl.bfloat16, P_DT=tl.float32, **mt))
 out["perturb"] = ptx(S._sam_perturb_fwd_kernel, tab, dict(DT=tl.bfloat16, **mt))
 out["restore"] = ptx(S._sam_restore_fwd_kernel, tab, dict(DT=tl.float32, **mt))
