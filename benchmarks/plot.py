@@ -115,7 +115,10 @@ def bar_fig(plt, rows, slug, out, op_names, title, fname, group_key):
                 continue
             ax.bar([i + k * width for i in range(len(groups))], ys, width, label=p, color=color(p))
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
-        ax.set_xticklabels(groups, fontsize=8)
+        # long labels (the train step's "model/batch" + mode) would run into each other: slanted
+        slant = len(groups) * max(len(line) for g in groups for line in g.split("\n")) > 60
+        ax.set_xticklabels(groups, fontsize=7 if slant else 8, rotation=25 if slant else 0,
+                           ha="right" if slant else "center")
         ax.set_yscale("log")
         ax.set_ylabel("median ms")
         ax.set_title(f"{op} {dtype}", fontsize=9)

@@ -29,21 +29,19 @@ def _launch_constant(name: str, default: int, lo: int, hi: int) -> int:
     return v
 
 
-# Elementwise kernels: 2048 elements per program over 8 warps (256 threads) = 8 elements per
-# thread, two 16-byte vector accesses in flight per fp32 operand. Chosen by measurement on an
-# H200 (benchmarks/triton_sweep.py, each configuration in a fresh process; rows in
-# benchmarks/results/triton_sweep-nvidia-h200.csv), geometric mean of each configuration's time
-# over the fastest's:
-#   2026-11-27 07:00Z, fp32 at 2^26 and ResNet-50's SAM update (7 rows): 2048x8 1.017x,
-#     4096x8 1.037x, 1024x4 1.045x (2.8 % apart, under the 3 % asked before a change);
-#   2026-11-27 11:13Z, fp32 and bf16 (14 rows): 2048x8 1.026x, 2048x4 1.117x, 1024x4 1.220x.
-# The quantizer rows move by a few per cent either way (bf16 backward: 5-7 % faster at 2048x8,
-# fp32 forward 3 % slower); the multi-tensor SAM rows (15-35x a copy) move most: 1.07-1.10x
-# faster at 2048x8 in the first sweep, about 1.7x in the second (not profiled: half as many
-# programs each look up the tensor table; the host's per-tensor planning does not depend on
-# BLOCK). 2048x8 was the fastest in both. SAQ_TRITON_BLOCK / SAQ_TRITON_NUM_WARPS override them for such a sweep.
-BLOCK = _launch_constant("SAQ_TRITON_BLOCK", 2048, 128, 16384)
-NUM_WARPS = _launch_constant("SAQ_TRITON_NUM_WARPS", 8, 1, 32)
+# Elementwise kernels: 1024 elements per program over 4 warps (128 threads) = 8 fp32 per thread,
+# two 16-byte vector accesses in flight per operand, the usual point for memory-bound pointwise
+# kernels (Inductor's pointwise XBLOCK=1024 / 4 warps). Measured on an H200
+# (benchmarks/triton_sweep.py, each configuration in a fresh process, rows in
+# benchmarks/results/triton_sweep-nvidia-h200.csv; geometric mean of each configuration's time
+# over the fastest's): fp32 at 2^26 and ResNet-50's SAM update, 2048x8 1.017x, 4096x8 1.037x,
+# 1024x4 1.045x; fp32 and bf16, 14 rows, 2048x8 1.026x, 2048x4 1.117x, 1024x4 1.220x. But the
+# benchmark suite run with 2048x8 (2026-11-27, d477c7a; benchmarks/README.md) did not agree:
+# fake_quantize's bf16 forward faster (1.3x a copy instead of 2.0x), liq_quantize's rows and
+# most SAM rows slower (the SAM rows are host-bound and move run to run). Until a run shows one
+# configuration ahead in both, 1024x4 stays. SAQ_TRITON_BLOCK / SAQ_TRITON_NUM_WARPS override.
+BLOCK = _launch_constant("SAQ_TRITON_BLOCK", 1024, 128, 16384)
+NUM_WARPS = _launch_constant("SAQ_TRITON_NUM_WARPS", 4, 1, 32)
 # Reduction kernels (fake-quantize backward) cap their grid at this many programs and loop over
 # the rest, so the partial-sum buffer stays small (<= MAX_PROGRAMS * C floats) while still
 # giving each of an H100's 132 SMs several programs. Not swept yet (SAQ_TRITON_MAX_PROGRAMS); with
