@@ -37,9 +37,9 @@ def _launch_constant(name: str, default: int, lo: int, hi: int) -> int:
 # over the fastest's): fp32 at 2^26 and ResNet-50's SAM update, 2048x8 1.017x, 4096x8 1.037x,
 # 1024x4 1.045x; fp32 and bf16, 14 rows, 2048x8 1.026x, 2048x4 1.117x, 1024x4 1.220x. But the
 # benchmark suite run with 2048x8 (2026-11-27, d477c7a; benchmarks/README.md) did not agree:
-# fake_quantize's bf16 forward faster (1.3x a copy instead of 2.0x), liq_quantize's rows and
-# most SAM rows slower (the SAM rows are host-bound and move run to run). Until a run shows one
-# configuration ahead in both, 1024x4 stays. SAQ_TRITON_BLOCK / SAQ_TRITON_NUM_WARPS override.
+# fake_quantize's bf16 forward faster, liq_quantize's rows and most SAM rows slower, each by more
+# than the sweep's configurations differ: host time that varies between processes. Until the
+# suite times both side by side, 1024x4 stays. SAQ_TRITON_BLOCK / SAQ_TRITON_NUM_WARPS override.
 BLOCK = _launch_constant("SAQ_TRITON_BLOCK", 1024, 128, 16384)
 NUM_WARPS = _launch_constant("SAQ_TRITON_NUM_WARPS", 4, 1, 32)
 # Reduction kernels (fake-quantize backward) cap their grid at this many programs and loop over
