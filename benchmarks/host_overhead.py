@@ -44,26 +44,27 @@ OPS = ("fake_quantize", "liq_quantize")
 
 
 def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_host(fn: Callable[[], object], device: str, calls: int, repeats: int) -> Dict[str, float]:
     """Median host microseconds per call, and the device's microseconds per call in that round
     (CUDA events around the round; equal to the host time on the CPU)."""
+    cuda = torch.device(device).type == "cuda"
     for _ in range(10):  # warm-up: compilation, caches
         fn()
     _sync(device)
     host, dev = [], []
     for _ in range(repeats):
-        if device == "cuda":
+        if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         t1 = time.perf_counter()
-        if device == "cuda":
+        if cuda:
             end.record()
             end.synchronize()
             dev.append(start.elapsed_time(end) * 1e3 / calls)
@@ -110,11 +111,14 @@ def run(device: str, numel: int, calls: int, repeats: int) -> List[dict]:
     zp = torch.tensor([0.0], device=device)
     clip = torch.tensor([2.5], device=device)
     rows = []
+    kind = torch.device(device).type
     for backend, why in sk.available_backends().items():
-        if why is not None or get_backend(backend).supports("fake_quantize", device, torch.float32):
+        if why is not None:
             continue
         with sk.use_backend(backend):
             for op in OPS:
+                if get_backend(backend).supports(op, kind, torch.float32) is not None:
+                    continue
                 for layer, fn in _calls(op, backend, x, scale, zp, clip).items():
                     rows.append(dict(op=op, backend=backend, layer=layer,
                                      **time_host(fn, device, calls, repeats)))
@@ -125,7 +129,8 @@ def run(device: str, numel: int, calls: int, repeats: int) -> List[dict]:
 
 
 def report(rows: List[dict], device: str, numel: int) -> str:
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     lines = [f"Host microseconds per call, {numel} fp32 elements on {name} (torch {torch.__version__});"
              " device-bound rows marked *", "",
              "| op | backend | layer | host us | device us |", "|---|---|---|---|---|"]
@@ -144,8 +149,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device here (use --device cpu)")
+    try:
+        kind = torch.device(args.device).type
+    except RuntimeError as exc:
+        ap.error(f"--device {args.device}: {exc}")
+    if kind not in ("cpu", "cuda"):
+        ap.error(f"--device {args.device}: only cpu and cuda devices are timed")
+    if kind == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
     if args.numel < 1 or args.calls < 1 or args.repeats < 1:
         ap.error("--numel, --calls and --repeats must be positive")
     rows = run(args.device, args.numel, args.calls, args.repeats)

@@ -41,11 +41,14 @@ def test_rows_for_every_layer_and_backend(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [(("--calls", "0"), "must be positive"),
-                                         (("--device", "cuda"), "no CUDA device")])
+                                         (("--device", "cuda"), "no CUDA device"),
+                                         (("--device", "cuda:0"), "no CUDA device"),
+                                         (("--device", "meta"), "only cpu and cuda"),
+                                         (("--device", "gpu7"), "--device gpu7")])
 def test_bad_arguments_are_refused(args, needle):
     import torch
 
-    if "cuda" in args and torch.cuda.is_available():
+    if args[-1].startswith("cuda") and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     out = _run(*args)
     assert out.returncode == 2 and needle in out.stderr, out.stderr

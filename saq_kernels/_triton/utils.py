@@ -32,14 +32,15 @@ def _launch_constant(name: str, default: int, lo: int, hi: int) -> int:
 # Elementwise kernels: 1024 elements per program over 4 warps (128 threads) = 8 fp32 per thread,
 # two 16-byte vector accesses in flight per operand, the usual point for memory-bound pointwise
 # kernels (Inductor's pointwise XBLOCK=1024 / 4 warps). Measured on an H200
-# (benchmarks/triton_sweep.py, each configuration in a fresh process, rows in
-# benchmarks/results/triton_sweep-nvidia-h200.csv; geometric mean of each configuration's time
-# over the fastest's): fp32 at 2^26 and ResNet-50's SAM update, 2048x8 1.017x, 4096x8 1.037x,
-# 1024x4 1.045x; fp32 and bf16, 14 rows, 2048x8 1.026x, 2048x4 1.117x, 1024x4 1.220x. But the
-# benchmark suite run with 2048x8 (2026-11-27, d477c7a; benchmarks/README.md) did not agree:
-# fake_quantize's bf16 forward faster, liq_quantize's rows and most SAM rows slower, each by more
-# than the sweep's configurations differ: host time that varies between processes. Until the
-# suite times both side by side, 1024x4 stays. SAQ_TRITON_BLOCK / SAQ_TRITON_NUM_WARPS override.
+# (benchmarks/triton_sweep.py, each configuration in a fresh process; geometric mean of each
+# configuration's time over the fastest's): fp32 at 2^26 and ResNet-50's SAM update, 2048x8
+# 1.017x, 4096x8 1.037x, 1024x4 1.045x (benchmarks/results/triton_sweep-nvidia-h200.csv at
+# d809b80); fp32 and bf16, 14 rows, 2048x8 1.026x, 2048x4 1.117x, 1024x4 1.220x (that file now),
+# most of the gap in the host-bound SAM rows. The benchmark suite run with 2048x8 (2026-11-27,
+# d477c7a; benchmarks/README.md, GPU) did not agree: fake_quantize's bf16 forward faster,
+# liq_quantize's rows and most SAM rows slower, on a host about 2x slower than the first run's.
+# Until the suite times both side by side, 1024x4 stays. SAQ_TRITON_BLOCK / SAQ_TRITON_NUM_WARPS
+# override them.
 BLOCK = _launch_constant("SAQ_TRITON_BLOCK", 1024, 128, 16384)
 NUM_WARPS = _launch_constant("SAQ_TRITON_NUM_WARPS", 4, 1, 32)
 # Reduction kernels (fake-quantize backward) cap their grid at this many programs and loop over

@@ -113,14 +113,13 @@ class Backend:
 _BACKENDS: Dict[str, Backend] = {}
 # Default order per device type, fastest first; the per-op, per-dtype orders measured on the
 # recorded benchmarks (measured_order.py) come before it. Backends that are unavailable are skipped.
-# CUDA: the H200 run of 2026-11-27 (benchmarks/gpu_check.sh; benchmarks/results/nvidia-h200.csv)
-# passed the GPU parity tests of both kernels (every fp16 / bf16 bit pattern through the SAM
-# steps included; one error-message test crashed its shard, a link problem of that machine's
-# toolchain fixed in _build.link_flags, and ~30 tests after it did not run) and ranked cuda first,
-# then triton, for every op and dtype it timed (fp32, bf16; geometric mean over the shapes of
-# forward+backward for the quantizers, of the update for the SAM ops: triton wins a few
-# single-direction rows in fp32); an op or dtype without rows of its own (fp16) takes that
-# ranking from here.
+# CUDA: the H200 runs of 2026-11-27 (benchmarks/gpu_check.sh; benchmarks/results/nvidia-h200.csv)
+# passed every GPU test of both kernels (1051, every fp16 / bf16 bit pattern through the SAM
+# steps included) and ranked cuda first, then triton, for every op and dtype they timed (fp32,
+# bf16; geometric mean over the shapes of forward+backward for the quantizers, of the update for
+# the SAM ops: triton wins a few single-direction rows in fp32 and liq_quantize's fp32
+# forward+backward at 2^26); an op or dtype without rows of its own (fp16) takes that ranking
+# from here.
 _DEFAULT_ORDER: Dict[str, List[str]] = {
     "cpu": ["cpp", "reference"],
     "cuda": ["cuda", "triton", "reference"],
