@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -306,9 +306,29 @@ class SAQ(Optimizer):
             self._perturbed = params
         if self.ascent_every > 1:
             deltas = [p - b for p, b in zip(params, [self._backups[p] for p in params])]
-            self._last = {"weights": weights, "scale": scale, "small": list(zip(params, deltas))}
+            self._last = self._kept_on_skip(
+                {"weights": weights, "scale": scale, "small": list(zip(params, deltas))}, skip)
         self._found_inf = found_inf
         self.zero_grad(set_to_none=True)
+
+    def _kept_on_skip(self, new: Dict[str, Any], skip: Tensor) -> Dict[str, Any]:
+        """Efficient mode: the perturbation the next k-1 steps re-apply. A skipped ascent
+        (non-finite gradients: scale 0, gradients zeroed) must not become it, or those steps
+        would silently train without a perturbation: where the previous one covers the same
+        layers and parameters, it is kept, chosen on the device (no host sync). Without one (the
+        very first ascent skipped) the zero perturbation stands until the next full ascent."""
+        old = self._last
+        if (old is None
+                or [id(m) for m, _ in old["weights"]] != [id(m) for m, _ in new["weights"]]
+                or [id(p) for p, _ in old["small"]] != [id(p) for p, _ in new["small"]]):
+            return new
+
+        def pick(a: Tensor, b: Tensor) -> Tensor:
+            return torch.where(skip.to(b.device), a, b)
+
+        return {"weights": [(m, pick(eo, en)) for (m, eo), (_, en) in zip(old["weights"], new["weights"])],
+                "scale": pick(old["scale"], new["scale"]),
+                "small": [(p, pick(do, dn)) for (p, do), (_, dn) in zip(old["small"], new["small"])]}
 
     @_eager
     @torch.no_grad()

@@ -221,6 +221,64 @@ def test_efficient_mode_reuses_the_last_perturbation():
         saq.SAQ(m, sgd(m), ascent_every=0)
 
 
+def _manual_step(m, opt, x, y, poison=False, reuse=False):
+    opt.zero_grad()
+    if reuse:
+        opt.reuse_perturbation()
+    else:
+        _lb(m, x, y)
+        if poison:  # a non-finite pass-1 gradient: the whole step is skipped
+            m[3].bias.grad[0] = float("inf")
+        opt.ascent_step()
+    _lb(m, x, y)
+    opt.descent_step()
+
+
+def test_efficient_mode_keeps_the_last_perturbation_over_a_skipped_ascent(monkeypatch):
+    """A skipped ascent (scale 0) must not become what the next k-1 steps re-apply: they keep
+    re-applying the previous ascent's perturbation, chosen on the device."""
+    m = make_model()
+    opt = saq.SAQ(m, sgd(m), rho=0.1, ascent_every=3)
+    data = batches(4)
+    _manual_step(m, opt, *data[0])  # the full ascent of the first cycle
+    for x, y in data[1:3]:
+        _manual_step(m, opt, x, y, reuse=True)
+    kept = {"scale": opt._last["scale"].clone(),
+            "weights": [e.clone() for _, e in opt._last["weights"]],
+            "small": [d.clone() for _, d in opt._last["small"]]}
+    assert kept["scale"] > 0 and kept["small"]
+    p0 = [p.detach().clone() for p in m.parameters()]
+    with no_host_sync(monkeypatch):
+        _manual_step(m, opt, *data[3], poison=True)  # the second cycle's ascent: skipped
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), p0))
+    assert torch.equal(opt._last["scale"], kept["scale"])
+    assert all(torch.equal(e, k) for (_, e), k in zip(opt._last["weights"], kept["weights"]))
+    assert all(torch.equal(d, k) for (_, d), k in zip(opt._last["small"], kept["small"]))
+    # and the next (reuse) step applies it: the weights' perturbation and the small parameters'
+    opt.zero_grad()
+    opt.reuse_perturbation()
+    assert all(torch.equal(layer._saq_e, k) for (layer, _), k in zip(opt._last["weights"], kept["weights"]))
+    assert torch.equal(opt._last["weights"][0][0]._saq_s, kept["scale"])
+    opt.restore_step()
+    with pytest.warns(RuntimeWarning):
+        assert opt.skipped_steps == 1
+
+
+def test_efficient_mode_takes_a_finite_ascent_after_a_kept_one():
+    """The choice is per ascent: a finite ascent after a skipped one replaces the perturbation."""
+    m = make_model()
+    opt = saq.SAQ(m, sgd(m), rho=0.1, ascent_every=2)
+    data = batches(4)
+    _manual_step(m, opt, *data[0])
+    _manual_step(m, opt, *data[1], reuse=True)
+    first = opt._last["scale"].clone()
+    _manual_step(m, opt, *data[2], poison=True)
+    assert torch.equal(opt._last["scale"], first)
+    _manual_step(m, opt, *data[3], reuse=True)
+    _manual_step(m, opt, *data[0])  # finite: a new perturbation
+    assert not torch.equal(opt._last["scale"], first) and opt._last["scale"] > 0
+
+
 # ------------------------------------------------------------------------------------------
 # on a GPU (run by benchmarks/gpu_check.sh)
 # ------------------------------------------------------------------------------------------
