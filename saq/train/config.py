@@ -216,6 +216,7 @@ def _check(cfg: TrainConfig) -> None:
     need(0 < cfg.gamma < math.inf, f"--gamma (step decay factor) must be finite and > 0, got {cfg.gamma}")
     need(0 <= cfg.eta < math.inf, f"--eta must be finite and >= 0, got {cfg.eta}")
     need(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
+    need(cfg.log_every >= 0, f"--log-every must be >= 0 (0: no step lines), got {cfg.log_every}")
     need(cfg.optimizer in ("sgd", "adamw"), "--optimizer must be sgd or adamw")
     need(cfg.scheduler in ("cosine", "step"), "--scheduler must be cosine or step")
     need(cfg.amp in ("none", "bf16", "fp16"), "--amp must be none, bf16 or fp16")

@@ -54,6 +54,8 @@ __all__ = ["build_config", "build_model", "param_groups", "build_optimizer", "bu
            "evaluate", "train", "evaluate_checkpoint", "CLIP_SUFFIXES"]
 
 CLIP_SUFFIXES = ("clip_value", "_scale", "_zero_point")
+# A run's own files besides its metrics (MetricsLogger): a fresh run removes them from its folder.
+RUN_FILES = ("last.pt", "best.pt", "summary.json", "loss.png", "accuracy.png")
 # Options of one invocation, reset to their defaults (not taken from the checkpoint) on resume.
 RUN_LOCAL_FIELDS = ("max_steps", "progress", "log_every", "device", "workers", "compile",
                     "malloc_keep", "overwrite")
@@ -86,6 +88,17 @@ def build_config(explicit: Dict[str, Any]) -> TrainConfig:
         if not os.path.isfile(resume):
             raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint file")
         path = resume
+        # the run continues in --out (default: the checkpoint's folder) and rewrites its last.pt,
+        # best.pt and metrics: refuse when that folder's last.pt is another file (another run,
+        # or the same run further on than a best.pt being resumed), as a fresh run is refused
+        into = out or os.path.dirname(os.path.abspath(path))
+        there = os.path.join(into, "last.pt")
+        if (not explicit.get("overwrite") and os.path.isfile(there)
+                and not os.path.samefile(there, path)):
+            raise ConfigError(
+                f"--resume {path!r} would continue in {into!r}, which holds another checkpoint "
+                f"({there}) that this run would replace; resume that one (--resume auto), name "
+                "another --out, or pass --overwrite")
     if path is None:
         if out and not explicit.get("overwrite") and os.path.isfile(os.path.join(out, "last.pt")):
             raise ConfigError(
@@ -417,6 +430,12 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
 def _train(cfg, env, device, make_loaders, set_epoch, t_start):
     log = lambda *a: dist_mod.print0(*a, env=env)  # noqa: E731
+    if env.is_main:  # before loading data and building the model: a bad --out fails at once
+        try:
+            os.makedirs(cfg.out, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--out {cfg.out!r}: cannot create the run folder "
+                              f"({e.strerror or e}); name a writable folder") from e
     alloc_note = None  # said after the run's headline
     if cfg.malloc_keep == "on" or (cfg.malloc_keep == "auto" and device.type == "cpu"):
         why = keep_large_cpu_blocks()
@@ -453,6 +472,10 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
         _load_state("optimizer", opt, ck["optimizer"], cfg.resume)
         _load_state("scheduler", sched, ck["scheduler"], cfg.resume)
+        # the schedule's position in this run's steps: the same as the loaded one unless the
+        # batch size changed at an epoch boundary (the schedule is per step; mid-epoch the batch
+        # size is fixed), which would otherwise shift the warmup, decay and milestones
+        sched.last_epoch = ck["epoch"] * spe + ck["batch"]
         _apply_config_hyperparameters(cfg, opt, base, sched, fresh)
         if ck.get("scaler"):
             _load_state("GradScaler", scaler, ck["scaler"], cfg.resume)
@@ -469,11 +492,22 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
     fwd = torch.compile(ddp) if cfg.compile else ddp
     stepper = _Stepper(cfg, fwd, ddp if env.distributed else None, opt, base, scaler, device)
 
+    # A fresh run, or a resume into another folder than its checkpoint's (both need --overwrite
+    # where that folder holds a run), owns the folder: nothing of an earlier run there may
+    # outlive the start, or an interrupted start would leave that run's checkpoint for
+    # --resume auto to continue, its best.pt beside this run's last.pt, its rows in the metrics.
+    own = ck is None or (os.path.realpath(os.path.dirname(os.path.abspath(cfg.resume)))
+                         != os.path.realpath(cfg.out))
     if env.is_main:
         os.makedirs(cfg.out, exist_ok=True)
+        if own:
+            for name in RUN_FILES:
+                p = os.path.join(cfg.out, name)
+                if os.path.isfile(p):
+                    os.remove(p)
         write_json(cfg.to_dict(), os.path.join(cfg.out, "config.json"))
     metrics = MetricsLogger(cfg.out, enabled=env.is_main)
-    metrics.truncate(start_epoch + 1)
+    metrics.truncate(1 if own else start_epoch + 1)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"saq train: {cfg.dataset} ({info['train_size']} train / {info['test_size']} test), "
         f"{cfg.model} {n_params / 1e6:.3f} M params, {cfg.method}"
@@ -484,7 +518,7 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
     if alloc_note:
         log(alloc_note)
     show = _progress_enabled(cfg, env)
-    stopped = False
+    stopped = partial_last = False
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
@@ -550,15 +584,22 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
         sums = dict(loss_sum=loss_sum, correct=correct, seen=seen, steps=steps_done,
                     train_time=train_time, epoch_time=epoch_time - eval_time, skipped=skipped)
         metrics.log(row)
-        is_best = not best or row["top1"] > best.get("top1", -1.0)
-        if is_best:
-            best = {"top1": row["top1"], "top5": row["top5"], "epoch": row["epoch"]}
+        done_epoch = batch >= spe
+        if done_epoch:
+            is_best = not best or row["top1"] > best.get("top1", -1.0)
+            if is_best:
+                best = {"top1": row["top1"], "top5": row["top5"], "epoch": row["epoch"]}
+        else:
+            # stopped mid-epoch: this evaluation does not compete for best (the resumed run
+            # replaces its row), so a resume keeps the best an uninterrupted run would have;
+            # until a whole epoch exists, best.pt is this checkpoint, provisionally
+            is_best = not best
         log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.2f}% | test loss {row['test_loss']:.4f} "
             f"top-1 {row['top1']:.2f}% top-5 {row['top5']:.2f}% | lr {row['lr']:.3g} | "
             f"{row['time_per_step'] * 1e3:.1f} ms/step {row['images_per_s']:.0f} img/s "
             f"{epoch_time:.1f} s")
-        done_epoch = batch >= spe
+        partial_last = not done_epoch
         elapsed = elapsed0 + time.perf_counter() - t_start
         _save(cfg, env, model, opt, sched, scaler, epoch + 1 if done_epoch else epoch,
               0 if done_epoch else batch, step, best, elapsed, is_best,
@@ -570,7 +611,7 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
     summary = {}
     if env.is_main:
         rows = metrics.rows()
-        summary = summarize(rows, total, extra={
+        summary = summarize(rows, total, partial_last=partial_last, extra={
             "run": cfg.out, "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method,
             "wbits": cfg.wbits, "abits": cfg.abits, "quantizer": cfg.quantizer, "rho": cfg.rho,
             "params": n_params, "device": str(device), "world_size": env.world_size,

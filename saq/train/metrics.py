@@ -96,14 +96,20 @@ class MetricsLogger:
 
 
 def summarize(rows: List[Dict[str, Any]], total_time: float,
-              extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+              extra: Optional[Dict[str, Any]] = None, partial_last: bool = False) -> Dict[str, Any]:
     """Summary of a run from its epoch rows: best and final top-1/top-5/test loss, final train
     loss, mean time per step and images/s weighted by steps, total time (seconds). ``extra``
     entries are added last (and win: the loop passes the true global step count as "steps",
-    since a row resumed mid-epoch counts only the steps run after the resume)."""
+    since a row resumed mid-epoch counts only the steps run after the resume).
+    ``partial_last``: the last row is a run stopped mid-epoch; it is the final state but not a
+    candidate for best while a whole epoch exists (as for best.pt), and "last_epoch_partial"
+    says so."""
     s: Dict[str, Any] = {"epochs": len(rows), "total_time": total_time}
+    if partial_last:
+        s["last_epoch_partial"] = True
     if rows:
-        best = max(rows, key=lambda r: r["top1"])
+        whole = rows[:-1] if partial_last and len(rows) > 1 else rows
+        best = max(whole, key=lambda r: r["top1"])
         last = rows[-1]
         steps = sum(r["steps"] for r in rows)
         train_time = sum(r["time_per_step"] * r["steps"] for r in rows)

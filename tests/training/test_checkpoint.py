@@ -257,3 +257,96 @@ def test_atomic_save_on_a_file_system_without_modes(tmp_path, monkeypatch):
     atomic_save({"a": torch.arange(3)}, path)
     assert os.listdir(tmp_path) == ["x.pt"]
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.arange(3))
+
+
+# ----------------------------------------------------------------------------------------------
+# what a stop mid-epoch, a changed batch size and another run's folder do to a resume
+# ----------------------------------------------------------------------------------------------
+def test_a_mid_epoch_stop_does_not_compete_for_best(tmp_path):
+    """Only whole epochs update best / best.pt; before the first one, best.pt is the stopped
+    run's checkpoint, provisionally, and the checkpoint's best stays empty."""
+    first = _train(tmp_path / "a", "--epochs", "1", "--max-steps", "1")
+    assert first["best"] == {}
+    assert load_checkpoint(os.path.join(tmp_path / "a", "best.pt"))["global_step"] == 1
+    common = ["--epochs", "2", "--method", "qat"]
+    part = _train(tmp_path / "b", *common, "--max-steps", str(STEPS_PER_EPOCH + 1))
+    assert part["best"]["epoch"] == 1
+    assert load_checkpoint(os.path.join(tmp_path / "b", "best.pt"))["global_step"] == STEPS_PER_EPOCH
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["best_epoch"] == 1 and summary["last_epoch_partial"] is True
+    assert summary["epochs"] == 2  # the partial row is shown (and replaced on resume)
+    resumed = _train(tmp_path / "b", *common, "--resume", "auto")
+    straight = _train(tmp_path / "c", *common)
+    assert resumed["best"] == straight["best"]
+    _assert_bitwise_equal(load_checkpoint(os.path.join(tmp_path / "b", "best.pt"))["model"],
+                          load_checkpoint(os.path.join(tmp_path / "c", "best.pt"))["model"], "best")
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert "last_epoch_partial" not in summary
+
+
+def test_a_batch_size_changed_at_an_epoch_boundary_keeps_the_schedule_in_place(tmp_path):
+    """The schedule is per step: after a resume at an epoch boundary with another batch size it
+    continues from epoch 1's end in the new steps (cosine to 0 at the last step)."""
+    out = tmp_path / "bs"
+    _train(out, "--epochs", "2", "--method", "qat", "--max-steps", str(STEPS_PER_EPOCH))
+    resumed = _train(out, "--epochs", "2", "--resume", "auto", "--batch-size", "256")
+    spe = 6  # 1437 images in batches of 256
+    assert resumed["scheduler"]["last_epoch"] == 2 * spe
+    groups = resumed["optimizer"]["param_groups"]  # qat: the base optimizer's own state
+    assert groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_resume_into_another_runs_folder_needs_overwrite(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _train(a, "--epochs", "1", "--max-steps", "1")
+    _train(b, "--epochs", "2", "--max-steps", str(STEPS_PER_EPOCH + 1), "--method", "qat")
+    before = (b / "last.pt").read_bytes()
+    rows_before = (b / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(a / "last.pt"), "--out", str(b), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "holds another checkpoint" in err and "--overwrite" in err
+    assert (b / "last.pt").read_bytes() == before and (b / "metrics.jsonl").read_text() == rows_before
+    # resuming a best.pt in its own folder would replace a newer last.pt the same way
+    assert main(["train", "--resume", str(b / "best.pt"), *TINY]) == 2
+    assert "holds another checkpoint" in capsys.readouterr().err
+    assert (b / "last.pt").read_bytes() == before
+    # with --overwrite the folder becomes the resumed run's: none of b's files or rows remain
+    assert main(["train", "--resume", str(a / "last.pt"), "--out", str(b), "--overwrite",
+                 "--max-steps", "2", *TINY]) == 0
+    ck = load_checkpoint(b / "last.pt")
+    assert ck["config"]["method"] == "saq" and ck["global_step"] == 2
+    assert load_checkpoint(b / "best.pt")["config"]["method"] == "saq"
+    rows = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1] and rows[0]["steps"] == 2  # a's epoch 1 so far
+
+
+def test_an_interrupted_overwrite_leaves_nothing_of_the_old_run(tmp_path, monkeypatch):
+    """--overwrite clears the old run's checkpoints and summary at the start, so an interrupt
+    before the first save cannot leave them for --resume auto to continue."""
+    import saq.train.loop as loop
+
+    out = tmp_path / "run"
+    _train(out, "--epochs", "1", "--max-steps", "1")
+
+    def interrupted(self, x, y):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop._Stepper, "step", interrupted)
+    assert main(["train", "--out", str(out), "--overwrite", "--method", "qat", *TINY]) == 130
+    for name in ("last.pt", "best.pt", "summary.json", "metrics.jsonl", "loss.png"):
+        assert not (out / name).exists(), name
+    assert json.loads((out / "config.json").read_text())["method"] == "qat"
+
+
+def test_an_unwritable_out_is_one_line_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["train", "--out", str(blocker / "run"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("saq train: error: --out") and "cannot create the run folder" in err
+
+
+def test_negative_log_every_is_refused(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "r"), "--log-every", "-1", *TINY[:2]]) == 2
+    assert "--log-every must be >= 0" in capsys.readouterr().err
