@@ -111,6 +111,15 @@ def build_config(explicit: Dict[str, Any]) -> TrainConfig:
         return cfg
     ck = ckpt_mod.load_checkpoint(path)
     saved = TrainConfig.from_dict(ck["config"])
+    if explicit.get("preset") is not None and explicit["preset"] != saved.preset:
+        raise ConfigError(
+            f"--resume {path!r}: a preset applies when a run starts (this one started with "
+            f"{saved.preset!r}); drop --preset and give the options to change instead")
+    epochs = explicit.get("epochs", saved.epochs)
+    if epochs < ck["epoch"] or (ck["batch"] and epochs <= ck["epoch"]):
+        raise ConfigError(
+            f"--epochs {epochs}: the checkpoint {path!r} is at epoch {ck['epoch'] + 1}, batch "
+            f"{ck['batch']}; pass --epochs {ck['epoch'] + (1 if ck['batch'] else 0)} or more")
     structural = STRUCTURAL_FIELDS
     if ck.get("batch", 0):  # stopped mid-epoch: its position counts batches of that size
         structural = structural + ("batch_size",)
@@ -471,6 +480,9 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
     if ck is not None:
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
         _load_state("optimizer", opt, ck["optimizer"], cfg.resume)
+        if not isinstance(ck.get("scheduler"), dict):
+            raise ckpt_mod.CheckpointError(f"checkpoint {cfg.resume!r} holds no scheduler state; "
+                                           "it cannot be resumed (evaluate it with saq eval)")
         _load_state("scheduler", sched, ck["scheduler"], cfg.resume)
         # the schedule's position in this run's steps: the same as the loaded one unless the
         # batch size changed at an epoch boundary (the schedule is per step; mid-epoch the batch
@@ -479,7 +491,12 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
         _apply_config_hyperparameters(cfg, opt, base, sched, fresh)
         if ck.get("scaler"):
             _load_state("GradScaler", scaler, ck["scaler"], cfg.resume)
-        ckpt_mod.restore_rng_state(ck["rng"])
+        try:
+            ckpt_mod.restore_rng_state(ck["rng"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise ckpt_mod.CheckpointError(f"checkpoint {cfg.resume!r}: its RNG state is damaged "
+                                           f"({type(e).__name__}: {e}); it cannot be resumed "
+                                           "exactly") from e
         start_epoch, start_batch, step = ck["epoch"], ck["batch"], ck["global_step"]
         best, elapsed0 = dict(ck.get("best") or {}), float(ck.get("extra", {}).get("elapsed", 0))
         if start_batch:  # the stopped epoch's sums so far: its row covers the whole epoch

@@ -350,3 +350,42 @@ def test_an_unwritable_out_is_one_line_before_any_work(tmp_path, capsys):
 def test_negative_log_every_is_refused(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "r"), "--log-every", "-1", *TINY[:2]]) == 2
     assert "--log-every must be >= 0" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_preset(tiny_ckpt, capsys):
+    """A preset sets a run's options when it starts; on a resume it would be ignored."""
+    from saq.train.config import PRESETS
+
+    out = os.path.dirname(tiny_ckpt)
+    ck = load_checkpoint(tiny_ckpt)
+    assert ck["epoch"] == 0 and ck["batch"] == 2
+    capsys.readouterr()
+    preset = sorted(PRESETS)[0]
+    assert main(["train", "--resume", tiny_ckpt, "--preset", preset, *TINY]) == 2
+    assert "a preset applies when a run starts" in capsys.readouterr().err
+    assert load_checkpoint(os.path.join(out, "last.pt"))["global_step"] == ck["global_step"]
+
+
+def test_resume_below_the_checkpoints_epoch_is_refused(tmp_path, capsys):
+    out = tmp_path / "r"
+    _train(out, "--epochs", "2", "--max-steps", str(STEPS_PER_EPOCH + 1))  # inside epoch 2
+    capsys.readouterr()
+    assert main(["train", "--resume", "auto", "--out", str(out), "--epochs", "1", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "--epochs 1" in err and "at epoch 2, batch 1" in err and "--epochs 2 or more" in err
+
+
+@pytest.mark.parametrize("damage", ["rng", "scheduler"])
+def test_a_checkpoint_with_damaged_state_is_one_line(tiny_ckpt, tmp_path, capsys, damage):
+    ck = load_checkpoint(tiny_ckpt)
+    if damage == "rng":
+        ck["rng"] = {"python": ck["rng"]["python"]}  # numpy and torch states gone
+    else:
+        del ck["scheduler"]
+    bad = tmp_path / "bad.pt"
+    torch.save(ck, bad)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(bad), "--out", str(tmp_path / "o"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("saq train: error: checkpoint") and "bad.pt" in err
+    assert ("RNG state is damaged" if damage == "rng" else "no scheduler state") in err
