@@ -316,15 +316,20 @@ class SAQ(Optimizer):
         (non-finite gradients: scale 0, gradients zeroed) must not become it, or those steps
         would silently train without a perturbation: where the previous one covers the same
         layers and parameters, it is kept, chosen on the device (no host sync). Without one (the
-        very first ascent skipped) the zero perturbation stands until the next full ascent."""
+        very first ascent skipped) the zero perturbation stands until the next full ascent.
+        In place into ``new``'s tensors, all made by this ascent: no second copy of the weights'
+        perturbation is kept (on a skipped step they only feed a pass 2 that is thrown away)."""
         old = self._last
-        if (old is None
-                or [id(m) for m, _ in old["weights"]] != [id(m) for m, _ in new["weights"]]
-                or [id(p) for p, _ in old["small"]] != [id(p) for p, _ in new["small"]]):
+
+        def layout(last: Dict[str, Any]) -> list:
+            return ([(id(m), e.shape) for m, e in last["weights"]]
+                    + [(id(p), d.shape) for p, d in last["small"]])
+
+        if old is None or layout(old) != layout(new):
             return new
 
         def pick(a: Tensor, b: Tensor) -> Tensor:
-            return torch.where(skip.to(b.device), a, b)
+            return torch.where(skip.to(b.device), a, b, out=b)
 
         return {"weights": [(m, pick(eo, en)) for (m, eo), (_, en) in zip(old["weights"], new["weights"])],
                 "scale": pick(old["scale"], new["scale"]),

@@ -28,13 +28,15 @@ perturbation is its own). The LR schedule is per step over
 """
 import contextlib
 import dataclasses
+import filecmp
 import math
 import os
 import random
 import shutil
 import sys
+import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -89,12 +91,11 @@ def build_config(explicit: Dict[str, Any]) -> TrainConfig:
             raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint file")
         path = resume
         # the run continues in --out (default: the checkpoint's folder) and rewrites its last.pt,
-        # best.pt and metrics: refuse when that folder's last.pt is another file (another run,
-        # or the same run further on than a best.pt being resumed), as a fresh run is refused
+        # best.pt and metrics: refuse when that folder's last.pt is another checkpoint (another
+        # run, or the same run further on than a best.pt being resumed), as a fresh run is refused
         into = out or os.path.dirname(os.path.abspath(path))
         there = os.path.join(into, "last.pt")
-        if (not explicit.get("overwrite") and os.path.isfile(there)
-                and not os.path.samefile(there, path)):
+        if not explicit.get("overwrite") and _resume_layout(into, path)[0]:
             raise ConfigError(
                 f"--resume {path!r} would continue in {into!r}, which holds another checkpoint "
                 f"({there}) that this run would replace; resume that one (--resume auto), name "
@@ -138,6 +139,23 @@ def build_config(explicit: Dict[str, Any]) -> TrainConfig:
     cfg = dataclasses.replace(cfg, resume=path, out=out or os.path.dirname(os.path.abspath(path)))
     # The preset was applied when the run started; do not let it override saved values now.
     return dataclasses.replace(resolve(dataclasses.replace(cfg, preset=None)), preset=saved.preset)
+
+
+def _same_checkpoint(a: str, b: str) -> bool:
+    """The same file (through any link) or a byte-identical copy (best.pt after a best last epoch)."""
+    return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
+
+
+def _resume_layout(out: str, path: str) -> Tuple[bool, bool]:
+    """(replaces, belongs) of resuming checkpoint ``path`` into folder ``out``: ``replaces`` when
+    the folder's last.pt is another checkpoint, which the resumed run would replace; ``belongs``
+    when the checkpoint is that folder's run's (its last.pt through a link or a copy, or a file in
+    the folder), whose metric rows before the checkpoint's epoch are kept."""
+    there = os.path.join(out, "last.pt")
+    same = os.path.isfile(there) and _same_checkpoint(there, path)
+    replaces = os.path.isfile(there) and not same
+    belongs = same or os.path.dirname(os.path.realpath(path)) == os.path.realpath(out)
+    return replaces, belongs
 
 
 # ----------------------------------------------------------------------------- model / optim
@@ -442,8 +460,10 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
     if env.is_main:  # before loading data and building the model: a bad --out fails at once
         try:
             os.makedirs(cfg.out, exist_ok=True)
+            with tempfile.TemporaryFile(dir=cfg.out):
+                pass
         except OSError as e:
-            raise ConfigError(f"--out {cfg.out!r}: cannot create the run folder "
+            raise ConfigError(f"--out {cfg.out!r}: cannot create or write the run folder "
                               f"({e.strerror or e}); name a writable folder") from e
     alloc_note = None  # said after the run's headline
     if cfg.malloc_keep == "on" or (cfg.malloc_keep == "auto" and device.type == "cpu"):
@@ -509,22 +529,34 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
     fwd = torch.compile(ddp) if cfg.compile else ddp
     stepper = _Stepper(cfg, fwd, ddp if env.distributed else None, opt, base, scaler, device)
 
-    # A fresh run, or a resume into another folder than its checkpoint's (both need --overwrite
-    # where that folder holds a run), owns the folder: nothing of an earlier run there may
-    # outlive the start, or an interrupted start would leave that run's checkpoint for
-    # --resume auto to continue, its best.pt beside this run's last.pt, its rows in the metrics.
-    own = ck is None or (os.path.realpath(os.path.dirname(os.path.abspath(cfg.resume)))
-                         != os.path.realpath(cfg.out))
+    # What of the folder's earlier run outlives the start (build_config refused a replacement
+    # without --overwrite). A fresh run, or a resume of another folder's checkpoint, keeps
+    # nothing: an interrupted start would leave the old checkpoint for --resume auto to continue,
+    # its best.pt beside this run's last.pt, its rows in the metrics. A resume of an earlier
+    # checkpoint of the folder's own run that replaces its last.pt removes that, the summary and
+    # the plots (best.pt stays until a new best replaces it) and keeps the rows before the
+    # checkpoint's epoch.
+    if ck is None:
+        replaces, keep_rows = True, False
+    else:
+        replaces, keep_rows = _resume_layout(cfg.out, cfg.resume)
+    if not keep_rows:
+        stale = RUN_FILES
+    else:
+        stale = tuple(n for n in RUN_FILES if n != "best.pt") if replaces else ()
     if env.is_main:
         os.makedirs(cfg.out, exist_ok=True)
-        if own:
-            for name in RUN_FILES:
-                p = os.path.join(cfg.out, name)
-                if os.path.isfile(p):
-                    os.remove(p)
+        for name in stale:
+            p = os.path.join(cfg.out, name)
+            if os.path.isfile(p) and not (ck is not None and os.path.samefile(p, cfg.resume)):
+                os.remove(p)
         write_json(cfg.to_dict(), os.path.join(cfg.out, "config.json"))
     metrics = MetricsLogger(cfg.out, enabled=env.is_main)
-    metrics.truncate(1 if own else start_epoch + 1)
+    # a resume with nothing to run (at its last epoch, or at --max-steps) keeps its rows, the
+    # stopped epoch's partial one included
+    runs = start_epoch < cfg.epochs and (cfg.max_steps is None or step < cfg.max_steps)
+    if replaces or not keep_rows or runs:
+        metrics.truncate(start_epoch + 1 if keep_rows else 1)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"saq train: {cfg.dataset} ({info['train_size']} train / {info['test_size']} test), "
         f"{cfg.model} {n_params / 1e6:.3f} M params, {cfg.method}"
@@ -535,7 +567,8 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
     if alloc_note:
         log(alloc_note)
     show = _progress_enabled(cfg, env)
-    stopped = partial_last = False
+    stopped = False
+    partial_last = bool(start_batch)  # until an epoch runs: the checkpoint's own position
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break

@@ -344,7 +344,7 @@ def test_an_unwritable_out_is_one_line_before_any_work(tmp_path, capsys):
     blocker.write_text("")
     assert main(["train", "--out", str(blocker / "run"), *TINY]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("saq train: error: --out") and "cannot create the run folder" in err
+    assert err.startswith("saq train: error: --out") and "cannot create or write the run folder" in err
 
 
 def test_negative_log_every_is_refused(tmp_path, capsys):
@@ -389,3 +389,51 @@ def test_a_checkpoint_with_damaged_state_is_one_line(tiny_ckpt, tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("saq train: error: checkpoint") and "bad.pt" in err
     assert ("RNG state is damaged" if damage == "rng" else "no scheduler state") in err
+
+
+def test_resume_through_a_link_or_an_identical_copy_keeps_the_run(tmp_path):
+    """A symlink (or hard link) to the run's last.pt, or a best.pt identical to it, is the same
+    run: resumed without --overwrite, its best.pt and earlier rows kept."""
+    out = tmp_path / "run"
+    common = ["--epochs", "3", "--method", "qat"]
+    _train(out, *common, "--max-steps", str(2 * STEPS_PER_EPOCH))
+    best_before = (out / "best.pt").read_bytes()
+    link = tmp_path / "latest.pt"
+    link.symlink_to(out / "last.pt")
+    assert main(["train", "--resume", str(link), "--out", str(out), *TINY, *common,
+                 "--max-steps", str(2 * STEPS_PER_EPOCH + 1)]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert (out / "best.pt").is_file()
+    # the best epoch so far is 1 or 2, whose best.pt the partial epoch 3 did not replace
+    assert (out / "best.pt").read_bytes() == best_before
+    # a copy identical to last.pt (best.pt when the last epoch was the best) resumes too
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes((out / "last.pt").read_bytes())
+    assert main(["train", "--resume", str(copy), "--out", str(out), *TINY, *common,
+                 "--max-steps", str(2 * STEPS_PER_EPOCH + 2)]) == 0
+    assert load_checkpoint(out / "last.pt")["global_step"] == 2 * STEPS_PER_EPOCH + 2
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_resume_with_nothing_to_run_keeps_the_partial_row(tmp_path):
+    out = tmp_path / "run"
+    _train(out, "--epochs", "2", "--max-steps", str(STEPS_PER_EPOCH + 1))
+    assert main(["train", "--resume", "auto", "--out", str(out), *TINY,
+                 "--max-steps", str(STEPS_PER_EPOCH + 1)]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert json.loads((out / "summary.json").read_text())["last_epoch_partial"] is True
+
+
+def test_an_existing_but_unwritable_out_is_one_line(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    (tmp_path / "ro").mkdir()
+    assert main(["train", "--out", str(tmp_path / "ro"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "Permission denied" in err
