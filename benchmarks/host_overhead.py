@@ -141,6 +141,19 @@ def report(rows: List[dict], device: str, numel: int) -> str:
     return "\n".join(lines)
 
 
+def device_kind(ap: argparse.ArgumentParser, device: str) -> str:
+    """"cpu" or "cuda" for a usable ``--device`` (cuda:1 included), else ``ap.error`` (exit 2)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as exc:
+        ap.error(f"--device {device}: {exc}")
+    if kind not in ("cpu", "cuda"):
+        ap.error(f"--device {device}: only cpu and cuda devices are measured")
+    if kind == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {device}: no CUDA device here (use --device cpu)")
+    return kind
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -149,14 +162,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    try:
-        kind = torch.device(args.device).type
-    except RuntimeError as exc:
-        ap.error(f"--device {args.device}: {exc}")
-    if kind not in ("cpu", "cuda"):
-        ap.error(f"--device {args.device}: only cpu and cuda devices are timed")
-    if kind == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
+    device_kind(ap, args.device)
     if args.numel < 1 or args.calls < 1 or args.repeats < 1:
         ap.error("--numel, --calls and --repeats must be positive")
     rows = run(args.device, args.numel, args.calls, args.repeats)

@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # saq_kernels from the checkout
 
 import saq_kernels as sk  # noqa: E402
+from host_overhead import device_kind  # noqa: E402  (this folder: sys.path[0] when run)
 from saq_kernels.backends import get_backend  # noqa: E402
 
 OPS = ("fake_quantize", "liq_quantize")
@@ -102,14 +103,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.numel < 1 or args.calls < 1 or args.top < 1:
         ap.error("--numel, --calls and --top must be positive")
-    try:
-        kind = torch.device(args.device).type
-    except RuntimeError as exc:
-        ap.error(f"--device {args.device}: {exc}")
-    if kind not in ("cpu", "cuda"):
-        ap.error(f"--device {args.device}: only cpu and cuda devices are profiled")
-    if kind == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
+    kind = device_kind(ap, args.device)
     try:
         why = get_backend(args.backend).supports(args.op, kind, torch.float32)
     except ValueError as exc:  # an unknown backend name: the registry's message lists the known

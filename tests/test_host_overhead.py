@@ -43,7 +43,7 @@ def test_rows_for_every_layer_and_backend(tmp_path):
 @pytest.mark.parametrize("args,needle", [(("--calls", "0"), "must be positive"),
                                          (("--device", "cuda"), "no CUDA device"),
                                          (("--device", "cuda:0"), "no CUDA device"),
-                                         (("--device", "meta"), "only cpu and cuda"),
+                                         (("--device", "meta"), "only cpu and cuda devices are measured"),
                                          (("--device", "gpu7"), "--device gpu7")])
 def test_bad_arguments_are_refused(args, needle):
     import torch

@@ -42,7 +42,7 @@ def test_profiles_a_call(tmp_path, backend, op, mode):
 @pytest.mark.parametrize("args,needle", [
     (("--backend", "nope"), "unknown backend 'nope'"),
     (("--backend", "reference", "--calls", "0"), "must be positive"),
-    (("--backend", "reference", "--device", "meta"), "only cpu and cuda"),
+    (("--backend", "reference", "--device", "meta"), "only cpu and cuda devices are measured"),
     (("--backend", "cuda", "--device", "cpu"), "cannot run fake_quantize on cpu"),
 ])
 def test_bad_arguments_are_refused(args, needle):
