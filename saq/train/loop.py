@@ -544,8 +544,7 @@ def _train(cfg, env, device, make_loaders, set_epoch, t_start):
         stale = RUN_FILES
     else:
         stale = tuple(n for n in RUN_FILES if n != "best.pt") if replaces else ()
-    if env.is_main:
-        os.makedirs(cfg.out, exist_ok=True)
+    if env.is_main:  # (the folder was made at the start)
         for name in stale:
             p = os.path.join(cfg.out, name)
             if os.path.isfile(p) and not (ck is not None and os.path.samefile(p, cfg.resume)):
