@@ -457,14 +457,23 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
 def _train(cfg, env, device, make_loaders, set_epoch, t_start):
     log = lambda *a: dist_mod.print0(*a, env=env)  # noqa: E731
+    bad_out = None
     if env.is_main:  # before loading data and building the model: a bad --out fails at once
         try:
             os.makedirs(cfg.out, exist_ok=True)
             with tempfile.TemporaryFile(dir=cfg.out):
                 pass
         except OSError as e:
-            raise ConfigError(f"--out {cfg.out!r}: cannot create or write the run folder "
-                              f"({e.strerror or e}); name a writable folder") from e
+            bad_out = ConfigError(f"--out {cfg.out!r}: cannot create or write the run folder "
+                                  f"({e.strerror or e}); name a writable folder")
+    if env.distributed:  # every rank stops with rank 0 (a lone raise would leave the others
+        # waiting for it at the model broadcast)
+        flag = torch.tensor([0.0 if bad_out is None else 1.0], device=device)
+        if dist_mod.all_reduce_sum(flag).item() > 0 and bad_out is None:
+            raise ConfigError(f"--out {cfg.out!r}: rank 0 cannot write the run folder "
+                              "(its error says why)")
+    if bad_out is not None:
+        raise bad_out
     alloc_note = None  # said after the run's headline
     if cfg.malloc_keep == "on" or (cfg.malloc_keep == "auto" and device.type == "cpu"):
         why = keep_large_cpu_blocks()

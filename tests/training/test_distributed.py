@@ -141,3 +141,36 @@ def test_synchronized_ascent_equals_single_process(tmp_path):
     for k, v in single.state_dict().items():
         assert torch.equal(r0[k], r1[k]), k
         torch.testing.assert_close(r0[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _cli_worker(rank, port, out, argv):
+    from saq.cli import main
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    rc = main(argv)
+    with open(os.path.join(out, f"rc{rank}"), "w") as f:
+        f.write(str(rc))
+
+
+def test_an_unwritable_out_stops_every_rank(tmp_path):
+    """Under torchrun a --out rank 0 cannot write ends every rank with exit code 2 (the other
+    ranks used to go on and wait for rank 0 at the model broadcast)."""
+    import time
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    argv = ["train", "--out", str(blocker / "run"), "--batch-size", "512", "--no-progress",
+            "--log-every", "0", "--max-steps", "1", "--device", "cpu"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.spawn(_cli_worker, args=(port, str(tmp_path), argv), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.terminate()
+            pytest.fail("a rank did not finish: it waits for rank 0")
+    assert [(tmp_path / f"rc{r}").read_text() for r in range(2)] == ["2", "2"]
