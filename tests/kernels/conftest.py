@@ -8,26 +8,13 @@ availability decides, e.g. ``"fake_quantize_backward"``).
 from __future__ import annotations
 
 import pytest
-import torch
 
-import saq_kernels as sk
-
-
-def _params():
-    out = [pytest.param((n, "cpu"), id=f"{n}-cpu") for n in ("reference", "cpp", "triton")]
-    for name in ("cuda", "triton", "reference"):
-        out.append(pytest.param((name, "cuda"), id=f"{name}-cuda", marks=[pytest.mark.gpu]))
-    return out
+from backends_under_test import backend_params, skip_unless_served
 
 
-@pytest.fixture(params=_params())
+@pytest.fixture(params=backend_params(("reference", "cpp", "triton"), ("cuda", "triton", "reference")))
 def op_backend(request):
     name, device = request.param
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    op = getattr(request.module, "BACKEND_OP")
-    reason = sk.get_backend(name).supports(op, device, torch.float32)
-    if reason is not None:
-        pytest.skip(f"{name} backend unavailable on {device}: {reason}")
+    skip_unless_served(name, device, getattr(request.module, "BACKEND_OP"))
     return name, device
 

@@ -21,27 +21,18 @@ import saq_kernels as sk
 import saq_kernels.ops as ops
 from autograd_parity import (PERTURB, assert_bitwise, assert_checkpointing_matches, assert_same_results,
                              fake_quantize_both, liq_quantize_both, penalty_grads, rand)
+from backends_under_test import backend_params, skip_unless_served
 
 BACKEND_OP = "fake_quantize_backward"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _params():
-    # the Python backends; cpp / cuda take the native autograd op (test_native_autograd.py). On
-    # a GPU, triton only: the reference's path is the same Python as on the CPU.
-    out = [pytest.param((n, "cpu"), id=f"{n}-cpu") for n in ("reference", "triton")]
-    out.append(pytest.param(("triton", "cuda"), id="triton-cuda", marks=[pytest.mark.gpu]))
-    return out
-
-
-@pytest.fixture(params=_params())
+# the Python backends; cpp / cuda take the native autograd op (test_native_autograd.py). On a
+# GPU, triton only: the reference's path is the same Python as on the CPU.
+@pytest.fixture(params=backend_params(("reference", "triton"), ("triton",)))
 def backend(request):
     name, device = request.param
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    reason = sk.get_backend(name).supports(BACKEND_OP, device, torch.float32)
-    if reason is not None:
-        pytest.skip(f"{name} backend unavailable on {device}: {reason}")
+    skip_unless_served(name, device, BACKEND_OP)
     with sk.use_backend(name):
         yield name, device
 
